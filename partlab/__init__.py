@@ -1,0 +1,29 @@
+"""partlab: tensor and pipeline parallelism in PyTorch, verified against a single-device reference."""
+__version__ = "0.1.0"
+
+# The drivers need torch.distributed.tensor (public DTensor API with distribute_tensor's
+# src_data_rank), torch.distributed.pipelining with runtime shape inference and scale_grads, and
+# gloo point-to-point ops for CPU pipelines. 2.6 is the first release with all of them.
+MIN_TORCH = (2, 6)
+# The torch that scripts/_setup.sh installs for local runs (the one version pinned for them).
+PINNED_TORCH = "2.13.0"
+
+
+def _check_torch():
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit(
+            f"partlab: error: torch is not installed; run scripts/lab.sh "
+            f"(or `pip install torch=={PINNED_TORCH}`)"
+        ) from None
+    found = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if found < MIN_TORCH:
+        need = ".".join(map(str, MIN_TORCH))
+        raise SystemExit(
+            f"partlab: error: torch {torch.__version__} is too old; partlab needs torch>={need} "
+            f"(pipelining, DTensor): `pip install torch=={PINNED_TORCH}`"
+        )
+
+
+_check_torch()

@@ -1,0 +1,3 @@
+from partlab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""One settings record and the command-line flags every driver shares.
+
+The defaults are the lab handout's (`--batch-size 64 --input-dim 1024 --hidden-dim 2048
+--num-classes 10 --steps 5`), so its commands run unchanged with `src` -> `partlab`.
+"""
+import argparse
+import dataclasses
+
+
+class UsageError(Exception):
+    """A mistake in how partlab was launched; reported as one line, exit status 2."""
+
+
+def require(condition, message):
+    """Raise UsageError(message) unless condition holds: a check with its fix in the message."""
+    if not condition:
+        raise UsageError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    batch_size: int = 64
+    input_dim: int = 1024
+    hidden_dim: int = 2048
+    num_classes: int = 10
+    steps: int = 5
+    layers: int = 2
+    activation: str = "relu"
+    lr: float = 0.1
+    seed: int = 0
+    dtype: str = "fp32"
+    device: str = "auto"
+    json: str | None = None
+    timeout: float = 180.0
+    check: bool = False
+    # pipeline only
+    microbatches: int = 4
+    schedule: str = "gpipe"
+    stages: int | None = None
+
+
+DEFAULTS = Settings()
+
+
+def make_parser(prog, description):
+    """The shared flags; a driver adds its own (pipeline: --microbatches, --schedule, --stages)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    d = DEFAULTS
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step")
+    p.add_argument("--input-dim", type=int, default=d.input_dim, help="features per sample")
+    p.add_argument("--hidden-dim", type=int, default=d.hidden_dim, help="width of hidden layers")
+    p.add_argument("--num-classes", type=int, default=d.num_classes, help="output classes")
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps (SGD)")
+    p.add_argument("--layers", type=int, default=d.layers,
+                   help="linear layers in the MLP (2 = the handout's MLP; TP needs an even count)")
+    p.add_argument("--activation", choices=("relu", "gelu"), default=d.activation,
+                   help="activation after every layer but the last (gelu: tanh approximation)")
+    p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for weights and synthetic data")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=d.dtype,
+                   help="parameter and activation dtype")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
+                   help="auto: one GPU per process with NCCL when there are enough, else CPU+gloo")
+    p.add_argument("--json", metavar="PATH", default=d.json,
+                   help="rank 0 writes the run's result record here")
+    p.add_argument("--timeout", type=float, default=d.timeout, metavar="SECONDS",
+                   help="a collective that waits longer than this fails instead of hanging")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 when the run deviates from the reference beyond the tolerance")
+    return p
+
+
+def add_pipeline_flags(p):
+    d = DEFAULTS
+    p.add_argument("--microbatches", type=int, default=d.microbatches,
+                   help="microbatches per step (the batch is split into this many)")
+    p.add_argument("--schedule", choices=("gpipe", "1f1b"), default=d.schedule,
+                   help="pipeline schedule")
+    p.add_argument("--stages", type=int, default=None,
+                   help="pipeline stages; must equal the number of processes (default: that)")
+
+
+def parse(parser, argv=None):
+    """Parse argv into Settings and check what needs no knowledge of the process group."""
+    args = parser.parse_args(argv)
+    s = Settings(**vars(args))
+    for flag in ("batch_size", "input_dim", "hidden_dim", "num_classes", "steps", "layers",
+                 "microbatches"):
+        require(getattr(s, flag) >= 1,
+                f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(s, flag)})")
+    require(s.num_classes >= 2, f"--num-classes must be at least 2 (got {s.num_classes})")
+    require(s.lr > 0, f"--lr must be positive (got {s.lr})")
+    require(s.timeout > 0, f"--timeout must be positive (got {s.timeout})")
+    return s

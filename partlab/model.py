@@ -1,0 +1,89 @@
+"""The MLP every strategy trains, its synthetic data, and the single-device reference.
+
+Every rank builds the *full* model from the seed (on the CPU, in fp32, so CPU and GPU runs start
+from the same numbers) and then keeps its own slice. Every strategy therefore starts from the
+reference's exact weights, and any difference after training is float rounding or a bug.
+"""
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def activation_fn(name):
+    """The activation as a function; GELU is the tanh approximation (what the fused op computes)."""
+    if name == "gelu":
+        return functools.partial(F.gelu, approximate="tanh")
+    return F.relu
+
+
+class MLP(nn.Module):
+    """input -> hidden -> ... -> hidden -> classes, an activation after every layer but the last.
+
+    Layers live in a ModuleDict keyed "0", "1", ... so a pipeline stage can delete the layers it
+    does not own and keep the reference's parameter names ("layers.3.weight").
+    """
+
+    def __init__(self, input_dim, hidden_dim, num_classes, layers, activation):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (layers - 1) + [num_classes]
+        self.num_layers = layers
+        self.activation = activation
+        self.act = activation_fn(activation)
+        self.layers = nn.ModuleDict(
+            {str(i): nn.Linear(dims[i], dims[i + 1]) for i in range(layers)}
+        )
+
+    def forward(self, x):
+        for name, layer in self.layers.items():
+            x = layer(x)
+            if int(name) < self.num_layers - 1:
+                x = self.act(x)
+        return x
+
+
+def build_model(settings, device):
+    """The full model with the seed's weights, on `device` in the run's dtype."""
+    torch.manual_seed(settings.seed)
+    model = MLP(settings.input_dim, settings.hidden_dim, settings.num_classes, settings.layers,
+                settings.activation)
+    return model.to(device=device, dtype=DTYPES[settings.dtype])
+
+
+@functools.lru_cache(maxsize=4)
+def _teacher(seed, input_dim, num_classes):
+    g = torch.Generator().manual_seed(seed + 7919)
+    return torch.randn(input_dim, num_classes, generator=g)
+
+
+def make_batch(settings, step, device):
+    """Batch `step`: Gaussian inputs labelled by a fixed random linear teacher, so the loss falls.
+
+    Every rank draws the same batch from (seed, step), so no data needs to be communicated.
+    """
+    g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+    x = torch.randn(settings.batch_size, settings.input_dim, generator=g)
+    y = (x @ _teacher(settings.seed, settings.input_dim, settings.num_classes)).argmax(dim=1)
+    return x.to(device=device, dtype=DTYPES[settings.dtype]), y.to(device)
+
+
+def loss_fn(logits, target):
+    """Mean cross-entropy, computed in fp32 whatever the run's dtype."""
+    return F.cross_entropy(logits.float(), target)
+
+
+def reference_step_fn(model, settings):
+    """One plain single-device SGD step: the behaviour every strategy must reproduce."""
+    opt = torch.optim.SGD(model.parameters(), lr=settings.lr)
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step

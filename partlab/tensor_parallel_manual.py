@@ -1,0 +1,127 @@
+"""Tensor parallelism by hand: the mechanics that torch.distributed.tensor.parallel hides.
+
+Layers come in pairs (Megatron-LM, Shoeybi et al. 2019, section 3):
+  column-parallel  Y = act(X A_i + a_i)   A split by columns: each rank owns hidden/t outputs
+  row-parallel     Z = sum_i Y_i B_i + b  B split by rows: each rank owns a partial sum
+Two conjugate operators move data between them:
+  f  identity in forward, all_reduce of the gradient in backward   (enters the column layer)
+  g  all_reduce in forward, identity in backward                   (leaves the row layer)
+so each pair costs one all_reduce forward and one backward (only when its input needs a
+gradient). The row layer's bias is added once, after the reduce.
+
+Run: torchrun --standalone --nproc_per_node 2 -m partlab.tensor_parallel_manual
+"""
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from partlab import distributed, metrics
+from partlab import model as mlp
+from partlab.config import make_parser, require
+
+
+class CopyToTensorParallel(torch.autograd.Function):
+    """Megatron's f: the input enters every rank unchanged; gradients from all ranks are summed."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dist.all_reduce(grad)
+        return grad
+
+
+class ReduceFromTensorParallel(torch.autograd.Function):
+    """Megatron's g: partial sums from all ranks are added; the gradient passes through."""
+
+    @staticmethod
+    def forward(ctx, partial):
+        dist.all_reduce(partial)
+        ctx.mark_dirty(partial)
+        return partial
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def shard(tensor, dim, group):
+    """This rank's contiguous 1/world slice of `tensor` along `dim`."""
+    return tensor.chunk(group.world_size, dim=dim)[group.rank]
+
+
+def column_or_row(name):
+    """Layer 0, 2, ... are column-parallel; 1, 3, ... row-parallel."""
+    return "column" if int(name.split(".")[1]) % 2 == 0 else "row"
+
+
+def reference_slice(group):
+    """Slice a reference parameter the way this rank's copy was sliced."""
+    def slice_(name, full):
+        if column_or_row(name) == "column":
+            return shard(full, 0, group)          # weight rows and bias: this rank's outputs
+        if name.endswith("weight"):
+            return shard(full, 1, group)          # weight columns: this rank's inputs
+        return full                               # row-parallel bias: replicated
+    return slice_
+
+
+def parallelize(model, group):
+    """Replace every parameter by this rank's slice of it (the full weights came from the seed)."""
+    slice_ = reference_slice(group)
+    for name, param in list(model.named_parameters()):
+        param.data = slice_(name, param.data).clone()
+    return model
+
+
+def forward(model, x):
+    """The MLP's forward on sharded weights, f and g marking where ranks communicate."""
+    n = model.num_layers
+    for i in range(0, n, 2):
+        column, row = model.layers[str(i)], model.layers[str(i + 1)]
+        h = model.act(F.linear(CopyToTensorParallel.apply(x), column.weight, column.bias))
+        x = ReduceFromTensorParallel.apply(F.linear(h, row.weight)) + row.bias
+        if i + 2 < n:
+            x = model.act(x)
+    return x
+
+
+def validate(settings, launch):
+    world_size = launch.world_size
+    require(settings.layers % 2 == 0,
+            f"--layers {settings.layers}: tensor parallelism pairs a column- with a row-parallel "
+            "layer, so use an even number of layers")
+    require(settings.hidden_dim % world_size == 0,
+            f"--hidden-dim {settings.hidden_dim} is not divisible by {world_size} processes: "
+            f"use a multiple of {world_size} or change --nproc_per_node")
+
+
+def train(settings, group):
+    model = parallelize(mlp.build_model(settings, group.device), group)
+    opt = torch.optim.SGD(model.parameters(), lr=settings.lr)
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss = mlp.loss_fn(forward(model, x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    trace = metrics.run_steps(settings, group.device, step)
+    local = {n: p for n, p in model.named_parameters()}
+    return metrics.finish("tensor_parallel_manual", settings, group, trace, local,
+                          reference_slice(group))
+
+
+def main(argv=None):
+    parser = make_parser("partlab.tensor_parallel_manual",
+                         "Manual tensor parallelism: column/row-parallel layers, all_reduce.")
+    return distributed.run(parser, validate, train, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
