@@ -27,3 +27,10 @@ def _check_torch():
 
 
 _check_torch()
+
+
+def missing_torch_feature(module, error):
+    """The one-line message a driver exits with when a torch.distributed module won't import."""
+    need = ".".join(map(str, MIN_TORCH))
+    return (f"partlab: error: cannot import {module} ({error}): this torch lacks it; partlab "
+            f"needs torch>={need} with distributed support: pip install torch=={PINNED_TORCH}")

@@ -8,8 +8,10 @@ hanging (the process-group timeout, `--timeout`).
 import dataclasses
 import datetime
 import os
+import re
 import socket
 import sys
+import traceback
 import zlib
 
 import torch
@@ -118,28 +120,58 @@ def synchronize(device):
 def run(parser, validate, train, argv=None):
     """A driver's whole life: parse, validate, join the group, check flags agree, train.
 
-    Returns the exit status: 0 ok, 1 failed (deviation beyond tolerance under --check, or a
-    collective error such as a timeout), 2 a usage mistake (reported once per node, one line).
+    Exit status: 0 ok, 1 failed (deviation beyond tolerance under --check, or a collective
+    error such as a timeout), 2 a usage mistake (reported in one line, once per node).
+    Returns only when no process group was created; otherwise it ends the process itself.
     """
-    launch = None
+    launch = launch_env()
     try:
         settings = parse(parser, argv)
-        launch = launch_env()
         validate(settings, launch)
         group = init(settings, launch)
+    except UsageError as e:
+        return usage_error(e, launch)
+    try:
         verify_same_settings(settings, group)
         status = train(settings, group)
+        dist.barrier()  # leave together: a rank that tears down early can abort gloo peers
         dist.destroy_process_group()
-        return status
     except UsageError as e:
-        if launch is None or launch.local_rank == 0:
-            print(f"partlab: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except dist.DistError as e:
-        # A peer died or hung: say so in one line; torchrun's report names the failed rank.
-        rank = launch.rank if launch else "?"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"partlab: error: rank {rank}: collective failed ({type(e).__name__}): {first}\n"
-              "partlab: another rank crashed, hung or was launched differently; its own output "
-              "says why (raise --timeout if it is only slow)", file=sys.stderr, flush=True)
-        return 1
+        status = usage_error(e, launch)
+    except (dist.DistError, RuntimeError) as e:
+        failure = collective_failure(e)
+        if failure is None:
+            raise  # not a communication failure: a bug, keep its traceback
+        print(f"partlab: error: rank {launch.rank}: {failure}\npartlab: another rank crashed, "
+              "hung or was launched differently; its own output says why (raise --timeout if "
+              "it is only slow)", file=sys.stderr, flush=True)
+        status = 1
+    # Skip interpreter finalization once a process group has existed: gloo's worker threads
+    # can abort a finished process while Python tears down ("terminate called without an
+    # active exception", seen here under heavy load; see pytorch/pytorch#179291). Everything
+    # is written and flushed by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def collective_failure(error):
+    """'all_reduce failed in tensor_parallel_manual.py:43 (forward): <torch's reason>' when
+    `error` was raised inside a torch.distributed collective, else None."""
+    frames = traceback.extract_tb(error.__traceback__)
+    comm = [f for f in frames if f.filename.endswith(("distributed_c10d.py",
+                                                       "_functional_collectives.py"))]
+    if not comm and not isinstance(error, dist.DistError):
+        return None
+    ours = [f for f in frames if f"{os.sep}partlab{os.sep}" in f.filename]
+    where = f" in {os.path.basename(ours[-1].filename)}:{ours[-1].lineno} ({ours[-1].name})" \
+        if ours else ""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", reason)  # drop gloo's "[path/file.cc:78]" prefix
+    return f"{comm[-1].name if comm else 'collective'} failed{where}: {reason}"
+
+
+def usage_error(error, launch):
+    if launch.local_rank == 0:
+        print(f"partlab: error: {error}", file=sys.stderr, flush=True)
+    return 2

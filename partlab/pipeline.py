@@ -16,11 +16,15 @@ Run: torchrun --standalone --nproc_per_node 2 -m partlab.pipeline --schedule gpi
 import sys
 
 import torch
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from partlab import distributed, metrics
+from partlab import distributed, metrics, missing_torch_feature
 from partlab import model as mlp
 from partlab.config import add_pipeline_flags, make_parser, require
+
+try:
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+except ImportError as e:
+    raise SystemExit(missing_torch_feature("torch.distributed.pipelining", e)) from None
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 

@@ -13,14 +13,19 @@ Run: torchrun --standalone --nproc_per_node 2 -m partlab.tensor_parallel_native
 import sys
 
 import torch
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from partlab import distributed, metrics
+from partlab import distributed, metrics, missing_torch_feature
 from partlab import model as mlp
 from partlab.config import make_parser
 from partlab.tensor_parallel_manual import validate
+
+try:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+except ImportError as e:
+    raise SystemExit(missing_torch_feature("torch.distributed.tensor.parallel", e)) from None
 
 
 def plan(num_layers):

@@ -1,0 +1,38 @@
+"""The `partlab` command: thin dispatch to the lab, the environment report and the benchmarks."""
+import argparse
+import sys
+
+from partlab.config import UsageError
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(
+        prog="partlab",
+        description="Tensor and pipeline parallelism lab. Drivers: torchrun ... -m "
+                    "partlab.tensor_parallel_native | partlab.tensor_parallel_manual | "
+                    "partlab.pipeline")
+    sub = p.add_subparsers(dest="command", required=True)
+    lab = sub.add_parser("lab", help="run every strategy, compare with the reference, one table",
+                         description="Unknown flags (--steps 5, --hidden-dim 4096, ...) are "
+                                     "passed to every driver.")
+    from partlab import lab as lab_module
+    lab_module.add_arguments(lab)
+    sub.add_parser("env", help="GPUs, versions, imports, extension: what the lab would run on")
+    bench = sub.add_parser("bench", help="benchmarks (`partlab bench op --help`)")
+    bench.add_argument("what", choices=("op",), help="op: the fused linear+bias+activation op")
+
+    args, rest = p.parse_known_args(argv)
+    try:
+        if args.command == "lab":
+            return lab_module.main(args, rest)
+        if rest and args.command == "env":
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command == "env":
+            from partlab import environment
+            return environment.main()
+        from partlab import bench_op
+        return bench_op.main(rest)
+    except UsageError as e:
+        print(f"partlab: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,152 @@
+"""`partlab lab`: run every strategy on this machine, check each against the reference, and print
+one table (written as JSON with provenance under --out).
+
+Each strategy runs as its own `torchrun --standalone` job, exactly as a user would launch it, on
+every GPU when there are at least two, else on two CPU processes with gloo.
+"""
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import partlab
+from partlab.config import UsageError
+
+# (row name, driver module, extra flags)
+STRATEGIES = [
+    ("tensor_parallel_native", "partlab.tensor_parallel_native", []),
+    ("tensor_parallel_manual", "partlab.tensor_parallel_manual", []),
+    ("pipeline gpipe", "partlab.pipeline", ["--schedule", "gpipe"]),
+    ("pipeline 1f1b", "partlab.pipeline", ["--schedule", "1f1b"]),
+]
+
+
+def add_arguments(p):
+    p.add_argument("--out", default="results", help="directory for lab-<timestamp>.json")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes per strategy (default: the GPUs if at least 2, else 2 CPUs)")
+    p.add_argument("--only", action="append", metavar="NAME",
+                   help="run only strategies whose name contains NAME (repeatable)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="passed to every driver (auto: GPUs when there are at least 2)")
+
+
+def choose_processes(nproc, device):
+    """The process count and what they run on (`partlab env` reports the same)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() and device != "cpu" else 0
+    if nproc is None:
+        nproc = gpus if gpus >= 2 else 2
+    if nproc < 1:
+        raise UsageError(f"--nproc must be at least 1 (got {nproc})")
+    on = f"{nproc} GPUs (NCCL)" if gpus >= nproc else f"{nproc} CPU processes (gloo)"
+    return nproc, on
+
+
+def git_revision():
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (rev + ("-dirty" if dirty else "")) if rev else None
+
+
+def command_line():
+    """How this lab was started, as the user typed it (`partlab lab ...` or `python -m ...`)."""
+    program = os.path.basename(sys.argv[0])
+    head = ["python", "-m", "partlab"] if program == "__main__.py" else [program]
+    return head + sys.argv[1:]
+
+
+def provenance(nproc, runs_on):
+    cuda = torch.cuda.is_available()
+    return {
+        "partlab": partlab.__version__, "torch": torch.__version__,
+        "cuda": torch.version.cuda, "nccl": ".".join(map(str, torch.cuda.nccl.version()))
+        if cuda else None,
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if cuda else [platform.processor() or platform.machine()],
+        "runs_on": runs_on, "world_size": nproc, "python": platform.python_version(),
+        "host": platform.node(), "git_revision": git_revision(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "command": command_line(),
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def run_strategy(module, nproc, flags, json_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", str(nproc), "-m", module, *flags, "--json", json_path, "--check"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return cmd, proc, time.perf_counter() - start
+
+
+def table(records):
+    head = ("strategy", "final loss", "max|dloss|", "max|dparam|", "step ms", "ref ms",
+            "speedup", "samples/s", "peak MiB/rank", "comm/step (rank 0)")
+    rows = [head]
+    for name, r in records:
+        comm = ", ".join(f"{op} x{n}" for op, n in sorted(r["comm_per_step"][0].items()))
+        rows.append((name, f"{r['losses'][-1]:.6f}", f"{r['max_abs_dloss']:.1e}",
+                     f"{r['max_abs_dparam']:.1e}", f"{r['step_time_s'] * 1e3:.2f}",
+                     f"{r['reference_step_time_s'] * 1e3:.2f}",
+                     f"{r['reference_step_time_s'] / r['step_time_s']:.2f}x",
+                     f"{r['samples_per_s']:,.0f}",
+                     "/".join(f"{m:.0f}" for m in r["peak_memory_mib"]), comm or "none"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(args, driver_flags):
+    """Run the chosen strategies; driver_flags (e.g. --steps 5) go to every driver unchanged."""
+    nproc, runs_on = choose_processes(args.nproc, args.device)
+    driver_flags = driver_flags + ["--device", args.device]
+    if "--layers" not in driver_flags:
+        # The pipeline needs a layer per stage and TP an even count: give every strategy the
+        # same model so their rows compare.
+        driver_flags = driver_flags + ["--layers", str(max(2, nproc + nproc % 2))]
+    chosen = [s for s in STRATEGIES if not args.only or any(o in s[0] for o in args.only)]
+    if not chosen:
+        raise UsageError(f"--only {args.only} matches none of: "
+                         + ", ".join(s[0] for s in STRATEGIES))
+    print(f"partlab lab: {len(chosen)} strategies on {runs_on}", flush=True)
+    records, commands, failed = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, module, extra) in enumerate(chosen):
+            json_path = os.path.join(tmp, f"{i}.json")
+            cmd, proc, seconds = run_strategy(module, nproc, extra + driver_flags, json_path)
+            commands.append(cmd)
+            if proc.returncode == 0:
+                with open(json_path) as f:
+                    records.append((name, json.load(f)))
+                print(f"  {name:<24} ok ({seconds:.1f} s)", flush=True)
+            else:
+                failed.append(name)
+                err = [line for line in (proc.stderr + proc.stdout).splitlines()
+                       if line.startswith("partlab:")] or (proc.stderr or proc.stdout).splitlines()
+                print(f"  {name:<24} FAILED (exit {proc.returncode}, {seconds:.1f} s): "
+                      + "\n    ".join(err[-12:]), flush=True)
+    if records:
+        print()
+        print(table(records))
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(args.out, f"lab-{stamp}.json")
+    result = {"provenance": provenance(nproc, runs_on), "commands": commands, "failed": failed,
+              "runs": [dict(r, name=name) for name, r in records]}
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nwrote {path}")
+    return 1 if failed else 0
