@@ -39,17 +39,26 @@ def extension_modules():
             "partlab: PARTLAB_BUILD=cuda but this torch has no CUDA or nvcc was not found "
             f"(torch {torch.__version__}, CUDA_HOME={CUDA_HOME}); use PARTLAB_BUILD=cpu"
         )
-    cxx = ["-O3", "-std=c++17"]
+    # The module only registers ops (TORCH_LIBRARY), so it needs just the stable Python ABI.
+    limited = ["-DPy_LIMITED_API=0x030A0000"]
+    cxx = ["-O3", "-std=c++17"] + limited
     if mode == "cuda" or (mode == "auto" and torch_has_cuda):
         return [
             CUDAExtension(
                 "partlab._C",
                 cpp_sources + cuda_sources,
-                extra_compile_args={"cxx": cxx + ["-DPARTLAB_WITH_CUDA"], "nvcc": ["-O3"]},
+                extra_compile_args={
+                    "cxx": cxx + ["-DPARTLAB_WITH_CUDA"],
+                    "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"] + limited,
+                },
                 libraries=["cublasLt"],
+                py_limited_api=True,
             )
         ]
-    return [CppExtension("partlab._C", cpp_sources, extra_compile_args={"cxx": cxx})]
+    return [
+        CppExtension("partlab._C", cpp_sources, extra_compile_args={"cxx": cxx},
+                     py_limited_api=True)
+    ]
 
 
 setup(

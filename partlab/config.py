@@ -37,6 +37,8 @@ class Settings:
     microbatches: int = 4
     schedule: str = "gpipe"
     stages: int | None = None
+    # manual TP only
+    fused: bool = True
 
 
 DEFAULTS = Settings()

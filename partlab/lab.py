@@ -21,7 +21,8 @@ from partlab.config import UsageError
 # (row name, driver module, extra flags)
 STRATEGIES = [
     ("tensor_parallel_native", "partlab.tensor_parallel_native", []),
-    ("tensor_parallel_manual", "partlab.tensor_parallel_manual", []),
+    ("tensor_parallel_manual", "partlab.tensor_parallel_manual", ["--fused"]),
+    ("tensor_parallel_manual unfused", "partlab.tensor_parallel_manual", ["--no-fused"]),
     ("pipeline gpipe", "partlab.pipeline", ["--schedule", "gpipe"]),
     ("pipeline 1f1b", "partlab.pipeline", ["--schedule", "1f1b"]),
 ]
@@ -131,12 +132,12 @@ def main(args, driver_flags):
             if proc.returncode == 0:
                 with open(json_path) as f:
                     records.append((name, json.load(f)))
-                print(f"  {name:<24} ok ({seconds:.1f} s)", flush=True)
+                print(f"  {name:<30} ok ({seconds:.1f} s)", flush=True)
             else:
                 failed.append(name)
                 err = [line for line in (proc.stderr + proc.stdout).splitlines()
                        if line.startswith("partlab:")] or (proc.stderr or proc.stdout).splitlines()
-                print(f"  {name:<24} FAILED (exit {proc.returncode}, {seconds:.1f} s): "
+                print(f"  {name:<30} FAILED (exit {proc.returncode}, {seconds:.1f} s): "
                       + "\n    ".join(err[-12:]), flush=True)
     if records:
         print()

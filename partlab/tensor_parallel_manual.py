@@ -7,17 +7,20 @@ Two conjugate operators move data between them:
   f  identity in forward, all_reduce of the gradient in backward   (enters the column layer)
   g  all_reduce in forward, identity in backward                   (leaves the row layer)
 so each pair costs one all_reduce forward and one backward (only when its input needs a
-gradient). The row layer's bias is added once, after the reduce.
+gradient). The row layer's bias is added once, after the reduce. The column layer's
+linear + bias + activation runs as one fused op from the extension (partlab/ops.py, csrc/)
+unless --no-fused, which keeps the plain PyTorch path as the reference path.
 
 Run: torchrun --standalone --nproc_per_node 2 -m partlab.tensor_parallel_manual
 """
+import argparse
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from partlab import distributed, metrics
+from partlab import distributed, metrics, ops
 from partlab import model as mlp
 from partlab.config import make_parser, require
 
@@ -78,19 +81,27 @@ def parallelize(model, group):
     return model
 
 
-def forward(model, x):
+def column_parallel(model, layer, x, fused):
+    """act(x A_i + a_i) on this rank's columns: one fused op, or PyTorch's three."""
+    if fused:
+        return ops.fused_linear(x, layer.weight, layer.bias, model.activation)
+    return model.act(F.linear(x, layer.weight, layer.bias))
+
+
+def forward(model, x, fused):
     """The MLP's forward on sharded weights, f and g marking where ranks communicate."""
     n = model.num_layers
     for i in range(0, n, 2):
         column, row = model.layers[str(i)], model.layers[str(i + 1)]
-        h = model.act(F.linear(CopyToTensorParallel.apply(x), column.weight, column.bias))
+        h = column_parallel(model, column, CopyToTensorParallel.apply(x), fused)
         x = ReduceFromTensorParallel.apply(F.linear(h, row.weight)) + row.bias
         if i + 2 < n:
             x = model.act(x)
     return x
 
 
-def validate(settings, launch):
+def validate_sharding(settings, launch):
+    """What any tensor-parallel MLP needs (native TP uses this too)."""
     world_size = launch.world_size
     require(settings.layers % 2 == 0,
             f"--layers {settings.layers}: tensor parallelism pairs a column- with a row-parallel "
@@ -100,26 +111,44 @@ def validate(settings, launch):
             f"use a multiple of {world_size} or change --nproc_per_node")
 
 
+def validate(settings, launch):
+    validate_sharding(settings, launch)
+    require(not settings.fused or ops.extension_available(),
+            f"the fused op (partlab._C) is not built: {ops.BUILD_HINT}, or pass --no-fused")
+
+
+def validate_device(settings, group):
+    """The fused op needs kernels for the device the run landed on (known only after init)."""
+    require(not settings.fused or group.device.type != "cuda" or ops.extension_info()["cuda"],
+            "the fused op was built without CUDA kernels: rebuild on a CUDA machine with "
+            f"PARTLAB_BUILD=cuda ({ops.BUILD_HINT}), or pass --no-fused")
+
+
 def train(settings, group):
+    validate_device(settings, group)
     model = parallelize(mlp.build_model(settings, group.device), group)
     opt = torch.optim.SGD(model.parameters(), lr=settings.lr)
 
     def step(x, y):
         opt.zero_grad(set_to_none=True)
-        loss = mlp.loss_fn(forward(model, x), y)
+        loss = mlp.loss_fn(forward(model, x, settings.fused), y)
         loss.backward()
         opt.step()
         return loss.detach()
 
     trace = metrics.run_steps(settings, group.device, step)
     local = {n: p for n, p in model.named_parameters()}
-    return metrics.finish("tensor_parallel_manual", settings, group, trace, local,
+    name = "tensor_parallel_manual" + ("" if settings.fused else " (unfused)")
+    return metrics.finish(name, settings, group, trace, local,
                           reference_slice(group))
 
 
 def main(argv=None):
     parser = make_parser("partlab.tensor_parallel_manual",
                          "Manual tensor parallelism: column/row-parallel layers, all_reduce.")
+    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                        help="column-parallel linear+bias+activation as one op from the "
+                             "extension (--no-fused: plain PyTorch)")
     return distributed.run(parser, validate, train, argv)
 
 

@@ -26,11 +26,14 @@ def assert_matches_reference(record):
         assert abs(got - want) <= tol["loss"], f"step {step}: {got} vs plain PyTorch {want}"
 
 
-@pytest.mark.parametrize("module", ["partlab.tensor_parallel_native",
-                                    "partlab.tensor_parallel_manual"])
+@pytest.mark.parametrize("module,flags", [
+    ("partlab.tensor_parallel_native", []),
+    ("partlab.tensor_parallel_manual", ["--fused"]),
+    ("partlab.tensor_parallel_manual", ["--no-fused"]),
+])
 @pytest.mark.parametrize("nproc", [2, 4])
-def test_tensor_parallel_matches_reference(module, nproc, tmp_path):
-    _, record = run_driver(module, nproc, tmp_path, *SMALL)
+def test_tensor_parallel_matches_reference(module, flags, nproc, tmp_path):
+    _, record = run_driver(module, nproc, tmp_path, *SMALL, *flags)
     assert_matches_reference(record)
     # 4 layers = 2 column/row pairs: one all_reduce forward per pair, and one backward for
     # the second pair only (the first pair's input is data, which needs no gradient).
@@ -55,9 +58,13 @@ def test_pipeline_matches_reference(schedule, nproc, tmp_path):
         assert total == {"send": m * neighbours, "recv": m * neighbours}, (rank, total)
 
 
-@pytest.mark.parametrize("module", ["tensor_parallel_native", "tensor_parallel_manual"])
-def test_bf16_matches_reference_within_bf16_tolerance(module, tmp_path):
-    _, record = run_driver(f"partlab.{module}", 2, tmp_path, *SMALL, "--dtype", "bf16")
+@pytest.mark.parametrize("module,flags", [
+    ("partlab.tensor_parallel_native", []),
+    ("partlab.tensor_parallel_manual", ["--fused", "--activation", "gelu"]),
+    ("partlab.pipeline", ["--schedule", "1f1b"]),
+])
+def test_bf16_matches_reference_within_bf16_tolerance(module, flags, tmp_path):
+    _, record = run_driver(module, 2, tmp_path, *SMALL, "--dtype", "bf16", *flags)
     assert record["ok"] and record["dtype"] == "bf16"
     assert record["max_abs_dloss"] <= TOLERANCE["bf16"]["loss"]
 

@@ -83,11 +83,20 @@ def test_busy_port_is_reported():
     assert_one_line_error(proc, seconds, f"port {port} is already in use")
 
 
-def test_missing_pipelining_module_is_reported():
-    code = ("import sys, runpy; sys.modules['torch.distributed.pipelining'] = None; "
-            "runpy.run_module('partlab.pipeline', run_name='__main__')")
-    proc, seconds = run([sys.executable, "-c", code])
-    assert_one_line_error(proc, seconds, "cannot import torch.distributed.pipelining")
+@pytest.mark.parametrize("blocked,module,message", [
+    ("torch.distributed.pipelining", "partlab.pipeline",
+     "cannot import torch.distributed.pipelining"),
+    ("torch.distributed.tensor.parallel", "partlab.tensor_parallel_native",
+     "cannot import torch.distributed.tensor.parallel"),
+    ("partlab._C", "partlab.tensor_parallel_manual",
+     "the fused op (partlab._C) is not built: build it with `pip install --no-build-isolation"),
+])
+def test_missing_module_is_reported(blocked, module, message):
+    # A world of one without torchrun, with the module made unimportable.
+    code = (f"import sys, runpy; sys.modules[{blocked!r}] = None; "
+            f"runpy.run_module({module!r}, run_name='__main__')")
+    proc, seconds = run([sys.executable, "-c", code, *SMALL])
+    assert_one_line_error(proc, seconds, message)
 
 
 def test_a_rank_that_raises_stops_every_rank():
