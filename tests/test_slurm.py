@@ -1,0 +1,347 @@
+"""scripts/slurm/ against a real Slurm (tests/slurm_cluster.py): two emulated nodes on this machine.
+
+Every job is submitted with sbatch and followed with `squeue -h -j JOB`; its result records are
+read back from results/<jobid>/ and must match the single-device reference. CPU only (gloo), so
+the same jobs run in CI. If Slurm cannot be brought up the tests fail with the reason: a quiet
+skip would hide that the scripts went untested.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from slurm_cluster import SlurmCluster, SlurmUnavailable
+
+pytestmark = pytest.mark.slurm
+
+ROOT = Path(__file__).resolve().parents[1]
+SLURM_DIR = ROOT / "scripts" / "slurm"
+SCRIPTS = sorted(p for p in SLURM_DIR.iterdir() if p.suffix in (".sh", ".sbatch"))
+# Seconds: a handful of small steps, so a job is dominated by start-up (torchrun, import torch).
+SMALL = ["--batch-size", "16", "--input-dim", "64", "--hidden-dim", "64", "--num-classes", "10",
+         "--steps", "3"]
+JOB_TIMEOUT = 300            # generous: 2 shared cores; a lab job takes ~40-60 s
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running Slurm (munged, slurmctld, slurmd n1 + n2) for the session, stopped afterwards."""
+    directory = tempfile.mkdtemp(prefix="partlab-slurm-")
+    cluster = SlurmCluster(directory)
+    try:
+        cluster.start()
+    except (SlurmUnavailable, OSError, subprocess.SubprocessError) as e:
+        cluster.stop()
+        pytest.fail(f"could not bring up Slurm for the tests: {e}", pytrace=False)
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def results(tmp_path):
+    """Jobs write results/<jobid>/ here instead of the repository (PARTLAB_RESULTS)."""
+    d = tmp_path / "results"
+    d.mkdir()
+    return d
+
+
+def job_env(results, **extra):
+    env = {"PARTLAB_RESULTS": str(results), **extra}
+    if sys.prefix != sys.base_prefix and Path(sys.prefix) != ROOT / ".venv":
+        env["PARTLAB_VENV"] = sys.prefix       # the tests' own venv, if not the repo's .venv
+    return env
+
+
+def run_job(slurm, results, sbatch_args, script_args, timeout=JOB_TIMEOUT, env=None, cwd=ROOT):
+    """Submit, wait for the job to leave the queue; returns (scontrol record, log text)."""
+    job = slurm.sbatch([*sbatch_args, *script_args], env=job_env(results, **(env or {})),
+                       cwd=cwd)
+    log_path = results / job / f"slurm-{job}.out"
+    try:
+        info = slurm.wait(job, timeout)
+    except TimeoutError as e:
+        log = log_path.read_text() if log_path.exists() else "(no log)"
+        pytest.fail(f"{e}\n--- job log {log_path}\n{log[-6000:]}")
+    log = log_path.read_text() if log_path.exists() else f"(no log at {log_path})"
+    return job, info, log
+
+
+def seconds(runtime):
+    """scontrol's RunTime [D-]HH:MM:SS in seconds."""
+    days, _, hms = runtime.rpartition("-")
+    h, m, s = (int(x) for x in hms.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + s
+
+
+def assert_completed(job, info, log):
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (
+        f"job {job}: {info.get('JobState')} exit {info.get('ExitCode')}\n--- log\n{log[-6000:]}")
+
+
+def assert_matches_reference(record, log, world_size=2):
+    where = f"\nrecord: {json.dumps(record)[:1500]}\n--- log\n{log[-3000:]}"
+    tol = record["tolerance"]
+    assert record["ok"] is True, where
+    assert record["max_abs_dloss"] <= tol["loss"], where
+    assert record["max_abs_dparam"] <= tol["param"], where
+    assert record["world_size"] == world_size, where
+    assert len(record["losses"]) == 3, where
+
+
+# --- the scripts themselves ------------------------------------------------------------------
+
+def test_scripts_use_strict_mode():
+    # shellcheck runs over every script in tests/test_lint.py.
+    for script in SCRIPTS:
+        assert "set -euo pipefail" in script.read_text(), script
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "no strategy given"),
+    (["bogus"], "unknown strategy 'bogus'"),
+    (["pipeline"], "not inside a Slurm job"),
+])
+def test_run_sbatch_usage_errors_are_one_line(args, message):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(SLURM_DIR / "run.sbatch"), *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("partlab-slurm: error: ") \
+        and message in lines[0], proc.stderr
+
+
+def test_launch_reports_a_missing_venv_in_one_line(tmp_path):
+    env = {**os.environ, "PARTLAB_ROOT": str(ROOT), "PARTLAB_RESULTS_DIR": str(tmp_path),
+           "PARTLAB_VENV": str(tmp_path / "no-such-venv")}
+    env.pop("PARTLAB_SIF", None)
+    proc = subprocess.run(["bash", str(SLURM_DIR / "launch.sh"), "--check"], capture_output=True,
+                          text=True, env=env, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "is not a virtual environment" in proc.stderr
+
+
+def test_interactive_helper_builds_the_handouts_srun_line():
+    helper = str(SLURM_DIR / "interactive.sh")
+    proc = subprocess.run([helper, "-n", "-A", "eecs", "-p", "gpu,dgx2", "-g", "2", "-t",
+                           "0-01:00:00", "-m", "64G"], capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["srun", "-A", "eecs", "--time=0-01:00:00", "-p", "gpu,dgx2",
+                                   "--gres=gpu:2", "--mem=64G", "--pty", "bash"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARTLAB_")}
+    proc = subprocess.run([helper, "--dry-run", "--gpus", "0"], capture_output=True, text=True,
+                          env=env, check=True)
+    assert proc.stdout.split() == ["srun", "--time=01:00:00", "--pty", "bash"]
+    proc = subprocess.run([helper, "--gpus"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("partlab-slurm: error: --gpus needs")
+
+
+# --- jobs on the real Slurm -------------------------------------------------------------------
+
+def test_interactive_helper_gets_an_allocation(slurm):
+    proc = subprocess.run([str(SLURM_DIR / "interactive.sh"), "-g", "0", "-t", "5", "-m", "100M",
+                           "-c", "1", "--", "bash", "-c", "echo node=$SLURMD_NODENAME"],
+                          capture_output=True, text=True, env=slurm.env, timeout=120,
+                          stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"node=n[12]\b", proc.stdout), proc.stdout + proc.stderr
+
+
+def test_lab_on_one_node(slurm, results):
+    """The whole lab (`partlab lab`) as a CPU job on one node, submitted from the repo root."""
+    job, info, log = run_job(slurm, results, ["--cpus-per-task=2"],
+                             [str(SLURM_DIR / "lab.sbatch"), *SMALL])
+    assert_completed(job, info, log)
+    assert not (ROOT / f"slurm-{job}.out").exists(), "the log was not moved to results/<jobid>/"
+    records = list((results / job).glob("lab-*.json"))
+    assert len(records) == 1, f"no lab-*.json in {results / job}\n{log[-3000:]}"
+    lab = json.loads(records[0].read_text())
+    assert lab["failed"] == [], log[-6000:]
+    assert lab["provenance"]["slurm_job_id"] == job
+    assert len(lab["runs"]) >= 4, lab["runs"]
+    for run in lab["runs"]:
+        assert_matches_reference(run, log)
+
+
+@pytest.mark.parametrize("strategy, record", [("tp-manual", "tensor_parallel_manual"),
+                                              ("pipeline", "pipeline")])
+def test_two_nodes(slurm, results, tmp_path, strategy, record):
+    """One process on each of n1 and n2, meeting through torchrun's c10d rendezvous."""
+    job, info, log = run_job(slurm, results, ["--nodes=2", "--cpus-per-task=1"],
+                             [str(SLURM_DIR / "run.sbatch"), strategy, *SMALL],
+                             env={"PARTLAB_ROOT": str(ROOT)}, cwd=tmp_path)
+    assert_completed(job, info, log)
+    assert info["NodeList"] == "n[1-2]", info
+    assert "--nnodes 2 --nproc-per-node 1 --rdzv-backend c10d" in log
+    assert_matches_reference(json.loads((results / job / f"{record}.json").read_text()), log)
+
+
+def test_a_failing_rank_ends_the_job(slurm, results, tmp_path):
+    """Rank 1 (on n2) dies right after joining the group, while rank 0 waits in a collective
+    with a 300 s timeout: the job must fail within seconds, not hang until the timeout."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if 'LOCAL_RANK' in os.environ and os.environ.get('RANK') == '1':\n"
+        "    import torch.distributed as dist\n"
+        "    _init = dist.init_process_group\n"
+        "    def _init_then_die(*args, **kwargs):\n"
+        "        _init(*args, **kwargs)\n"
+        "        print('test: rank 1 exits (injected failure)', flush=True)\n"
+        "        os._exit(17)\n"
+        "    dist.init_process_group = _init_then_die\n")
+    _, info, log = run_job(slurm, results, ["--nodes=2", "--cpus-per-task=1"],
+                             [str(SLURM_DIR / "run.sbatch"), "pipeline", *SMALL,
+                              "--timeout", "300"], timeout=120,
+                             env={"PARTLAB_ROOT": str(ROOT), "PYTHONPATH": str(inject)},
+                             cwd=tmp_path)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (info, log[-4000:])
+    assert "rank 1 exits (injected failure)" in log, log[-4000:]
+    assert seconds(info["RunTime"]) < 60, (info["RunTime"], log[-4000:])
+
+
+def test_a_missing_venv_fails_the_job_in_one_line(slurm, results, tmp_path):
+    _, info, log = run_job(slurm, results, [],
+                             [str(SLURM_DIR / "run.sbatch"), "pipeline", *SMALL], timeout=120,
+                             env={"PARTLAB_ROOT": str(ROOT),
+                                  "PARTLAB_VENV": str(tmp_path / "no-such-venv")}, cwd=tmp_path)
+    assert info["JobState"] == "FAILED", (info, log)
+    errors = [line for line in log.splitlines() if "error" in line]
+    assert errors and errors[0].startswith("partlab-slurm: error: PARTLAB_VENV="), log
+    assert "is not a virtual environment" in errors[0]
+
+
+def test_lab_refuses_several_nodes(slurm, results, tmp_path):
+    _, info, log = run_job(slurm, results, ["--nodes=2"], [str(SLURM_DIR / "lab.sbatch")],
+                             timeout=120, env={"PARTLAB_ROOT": str(ROOT)}, cwd=tmp_path)
+    assert info["JobState"] == "FAILED", (info, log)
+    assert "partlab-slurm: error: lab runs on one node" in log, log
+
+
+# --- container mode with a stand-in apptainer -------------------------------------------------
+
+APPTAINER_STUB = r'''#!{python}
+"""Stand-in for `apptainer exec`: records its argv and the env file, then runs the command the
+way --cleanenv would (an empty environment plus the env file and the image's PATH)."""
+import json, os, subprocess, sys
+argv = sys.argv[1:]
+assert argv[0] == "exec", argv
+opts, i = {{"flags": [], "bind": [], "env_file": None, "pwd": None}}, 1
+while argv[i].startswith("-"):
+    if argv[i] in ("--bind", "-B"):
+        opts["bind"].append(argv[i + 1]); i += 2
+    elif argv[i] == "--env-file":
+        opts["env_file"] = argv[i + 1]; i += 2
+    elif argv[i] == "--pwd":
+        opts["pwd"] = argv[i + 1]; i += 2
+    else:
+        opts["flags"].append(argv[i]); i += 1
+image, command = argv[i], argv[i + 1:]
+assert os.path.isfile(image), image
+for bind in opts["bind"]:
+    assert os.path.isdir(bind.split(":")[0]), bind
+env = {{}} if "--cleanenv" in opts["flags"] else dict(os.environ)
+if opts["env_file"]:
+    out = subprocess.run(["env", "-i", "bash", "-c", 'set -a; . "$1"; env -0', "_",
+                          opts["env_file"]], capture_output=True, check=True).stdout
+    for item in out.decode().split("\0"):
+        key, sep, value = item.partition("=")
+        if sep and key not in ("PWD", "SHLVL", "_", "OLDPWD"):
+            env[key] = value
+env["PATH"] = {image_path!r}
+env.setdefault("HOME", "/root")
+with open({log!r}, "a") as f:
+    f.write(json.dumps({{"argv": argv, "opts": opts, "image": image, "command": command,
+                         "env": env}}) + "\n")
+if opts["pwd"]:
+    os.chdir(opts["pwd"])
+os.execvpe(command[0], command, env)
+'''
+
+
+def test_container_mode_passes_slurm_variables_and_binds(slurm, results, tmp_path):
+    """PARTLAB_SIF set: each node's command runs under `apptainer exec --cleanenv`, with the
+    Slurm and rendezvous variables passed in an env file and the results directory bound."""
+    stub_dir = tmp_path / "bin"
+    stub_dir.mkdir()
+    calls = tmp_path / "apptainer-calls.jsonl"
+    image_path = f"{Path(sys.executable).parent}:/usr/bin:/bin"   # the "image" has partlab
+    stub = stub_dir / "apptainer"
+    stub.write_text(APPTAINER_STUB.format(python=sys.executable, image_path=image_path,
+                                          log=str(calls)))
+    stub.chmod(0o755)
+    sif = tmp_path / "partlab.sif"
+    sif.write_bytes(b"not really an image")
+    job, info, log = run_job(
+        slurm, results, ["--nodes=2", "--cpus-per-task=1"],
+        [str(SLURM_DIR / "run.sbatch"), "tp-native", *SMALL],
+        env={"PARTLAB_ROOT": str(ROOT), "PARTLAB_SIF": str(sif),
+             "PATH": f"{stub_dir}:{os.environ['PATH']}"}, cwd=tmp_path)
+    assert_completed(job, info, log)
+    assert calls.exists(), f"apptainer was never called\n{log[-4000:]}"
+    records = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert len(records) == 2, records                       # one per node
+    job_results = str(results / job)
+    for call in records:
+        assert "--cleanenv" in call["opts"]["flags"] and "--nv" not in call["opts"]["flags"]
+        assert job_results in [b.split(":")[0] for b in call["opts"]["bind"]], call["opts"]
+        assert call["image"] == str(sif)
+        assert call["command"][0] == "torchrun" and "partlab.tensor_parallel_native" in \
+            call["command"]
+        env = call["env"]
+        assert env["SLURM_JOB_ID"] == job and env["SLURM_NNODES"] == "2"
+        assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"].isdigit()
+        assert env["PARTLAB_RESULTS_DIR"] == job_results
+        assert "SLURM_CONF" in env and "NCCL_DEBUG" in env
+    assert sorted(call["env"]["SLURM_NODEID"] for call in records) == ["0", "1"]
+    record = json.loads((results / job / "tensor_parallel_native.json").read_text())
+    assert_matches_reference(record, log)
+
+
+# --- the GPU branch, without GPUs: run.sbatch with stand-in scontrol and srun ------------------
+
+def test_gpu_allocation_runs_one_process_per_gpu_with_nccl_settings(tmp_path):
+    """What a 2-node, 4-GPU-per-node job would launch: Slurm's variables faked, srun recorded."""
+    stub_dir = tmp_path / "bin"
+    stub_dir.mkdir()
+    calls = tmp_path / "srun-calls"
+    (stub_dir / "scontrol").write_text(
+        "#!/bin/bash\n"
+        'case "$1 $2" in\n'
+        '  "show hostnames") printf "gpu07\\ngpu08\\n" ;;\n'
+        '  "show node") echo "NodeName=$3 Arch=x86_64 NodeAddr=10.1.2.7 NodeHostName=$3" ;;\n'
+        "esac\n")
+    (stub_dir / "srun").write_text(
+        "#!/bin/bash\n"
+        f'{{ printf "%s\\n" "$@"; echo "NCCL_DEBUG=$NCCL_DEBUG"; '
+        f'echo "TORCH_NCCL_ASYNC_ERROR_HANDLING=$TORCH_NCCL_ASYNC_ERROR_HANDLING"; }} > {calls}\n')
+    for stub in stub_dir.iterdir():
+        stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "PARTLAB_", "NCCL_", "TORCH_NCCL_", "MASTER_"))}
+    env.update(PATH=f"{stub_dir}:{env['PATH']}", SLURM_JOB_ID="123456", SLURM_NNODES="2",
+               SLURM_JOB_NODELIST="gpu[07-08]", SLURM_GPUS_ON_NODE="4",
+               SLURM_JOB_CPUS_PER_NODE="32(x2)", SLURM_SUBMIT_DIR=str(ROOT),
+               PARTLAB_RESULTS=str(tmp_path / "results"))
+    proc = subprocess.run(["bash", str(SLURM_DIR / "run.sbatch"), "pipeline", "--schedule",
+                           "1f1b"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    argv = calls.read_text().splitlines()
+    results = str(tmp_path / "results" / "123456")
+    port = str(15000 + 123456 % 15000)
+    assert argv[:6] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=32",
+                        "--kill-on-bad-exit=1", "--label"], argv
+    command = argv[argv.index("torchrun"):]
+    assert command[:13] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "4",
+                            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"10.1.2.7:{port}",
+                            "--rdzv-id", "123456", "--max-restarts", "0"], command
+    assert command[13:] == ["-m", "partlab.pipeline", "--schedule", "1f1b", "--device", "cuda",
+                            "--json", f"{results}/pipeline.json", "--check", "NCCL_DEBUG=WARN",
+                            "TORCH_NCCL_ASYNC_ERROR_HANDLING=1"], command
