@@ -17,7 +17,7 @@ import torch
 from partlab import distributed, metrics, missing_torch_feature
 from partlab import model as mlp
 from partlab.config import make_parser
-from partlab.tensor_parallel_manual import validate
+from partlab.tensor_parallel_manual import validate_sharding
 
 try:
     from torch.distributed.device_mesh import init_device_mesh
@@ -63,7 +63,7 @@ def train(settings, group):
 def main(argv=None):
     parser = make_parser("partlab.tensor_parallel_native",
                          "Tensor parallelism with torch.distributed.tensor.parallel (DTensor).")
-    return distributed.run(parser, validate, train, argv)
+    return distributed.run(parser, validate_sharding, train, argv)
 
 
 if __name__ == "__main__":
