@@ -8,6 +8,7 @@ import json
 import math
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -155,7 +156,7 @@ def finish(strategy, settings, group, trace, local_params, reference_slice, loss
             json.dump(record, f, indent=1)
     if settings.check and not ok:
         print(f"partlab: error: {strategy} deviates from the reference beyond tolerance",
-              flush=True)
+              file=sys.stderr, flush=True)
         return 1
     return 0
 
@@ -170,18 +171,18 @@ def comm_summary(total, backward):
 def print_summary(r):
     s = r["settings"]
     print(f"{r['strategy']}: {r['world_size']} ranks, {r['device']}/{r['backend']}, {r['dtype']}, "
-         f"MLP {s['input_dim']}-{s['hidden_dim']}-{s['num_classes']} ({s['layers']} layers), "
-         f"batch {s['batch_size']}")
+          f"MLP {s['input_dim']}-{s['hidden_dim']}-{s['num_classes']} ({s['layers']} layers), "
+          f"batch {s['batch_size']}")
     print(f"{'step':>4}  {'loss':>10}  {'reference':>10}  {'|dloss|':>8}")
     for i, (a, b) in enumerate(zip(r["losses"], r["reference_losses"]), 1):
         print(f"{i:>4}  {a:>10.6f}  {b:>10.6f}  {abs(a - b):>8.1e}")
     tol = r["tolerance"]
     print(f"max |dloss| {r['max_abs_dloss']:.1e} (tol {tol['loss']:.0e}), max |dparam| "
-         f"{r['max_abs_dparam']:.1e} (tol {tol['param']:.0e}): {'OK' if r['ok'] else 'EXCEEDED'}")
+          f"{r['max_abs_dparam']:.1e} (tol {tol['param']:.0e}): {'OK' if r['ok'] else 'EXCEEDED'}")
     print(f"step time {r['step_time_s'] * 1e3:.2f} ms (reference on one device "
-         f"{r['reference_step_time_s'] * 1e3:.2f} ms), {r['samples_per_s']:,.0f} samples/s")
+          f"{r['reference_step_time_s'] * 1e3:.2f} ms), {r['samples_per_s']:,.0f} samples/s")
     kind = "CUDA allocator peak" if r["device"] == "cuda" else "peak RSS"
     print(f"peak memory per rank ({kind}, MiB): "
-         + ", ".join(f"{m:.0f}" for m in r["peak_memory_mib"]))
+          + ", ".join(f"{m:.0f}" for m in r["peak_memory_mib"]))
     for rank, (total, bwd) in enumerate(zip(r["comm_per_step"], r["comm_in_backward"])):
         print(f"communication per step, rank {rank}: {comm_summary(total, bwd)}")
