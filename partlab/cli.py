@@ -19,7 +19,9 @@ def main(argv=None):
     from partlab import lab as lab_module
     lab_module.add_arguments(lab)
     sub.add_parser("env", help="GPUs, versions, imports, extension: what the lab would run on")
-    bench = sub.add_parser("bench", help="benchmarks (`partlab bench op --help`)")
+    # No -h of its own: `partlab bench op --help` reaches the benchmark's parser.
+    bench = sub.add_parser("bench", help="benchmarks (`partlab bench op --help`)",
+                           add_help=False)
     bench.add_argument("what", choices=("op",), help="op: the fused linear+bias+activation op")
 
     args, rest = p.parse_known_args(argv)

@@ -51,3 +51,6 @@ def test_env_reports_what_the_lab_needs():
 def test_python_dash_m_partlab_shows_help():
     proc, _ = run([*PARTLAB, "--help"])
     assert proc.returncode == 0 and "lab" in proc.stdout and "env" in proc.stdout
+    # The benchmark's own flags, not the `bench` dispatcher's.
+    proc, _ = run([*PARTLAB, "bench", "op", "--help"])
+    assert proc.returncode == 0 and "--shapes" in proc.stdout
