@@ -26,7 +26,7 @@ class Settings:
     steps: int = 5
     layers: int = 2
     activation: str = "relu"
-    lr: float = 0.1
+    lr: float = 0.03
     seed: int = 0
     dtype: str = "fp32"
     device: str = "auto"

@@ -60,7 +60,7 @@ def _teacher(seed, input_dim, num_classes):
 
 
 def make_batch(settings, step, device):
-    """Batch `step`: Gaussian inputs labelled by a fixed random linear teacher, so the loss falls.
+    """Batch `step`: Gaussian inputs labelled by a fixed random linear teacher (a learnable task).
 
     Every rank draws the same batch from (seed, step), so no data needs to be communicated.
     """
