@@ -1,5 +1,5 @@
 """Process-group lifecycle shared by the drivers: launch environment, device and backend choice,
-the cross-rank settings check, rank-0 logging, and turning user mistakes into one-line errors.
+the cross-rank settings check, and turning user mistakes into one-line errors.
 
 The handout's troubleshooting section lives here as code: everything a user can get wrong is
 checked before the first collective, and a collective that waits too long raises instead of
@@ -105,11 +105,6 @@ def verify_same_settings(settings, group):
         for name, a, b in zip(fields, everyone[0].tolist(), theirs.tolist()):
             require(a == b, f"rank {rank} was launched with a different --{name.replace('_', '-')} "
                             "than rank 0: start every rank with the same command and flags")
-
-
-def log(group, *args):
-    if group.rank == 0:
-        print(*args, flush=True)
 
 
 def synchronize(device):
