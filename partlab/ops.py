@@ -66,10 +66,8 @@ def fused_linear(x, weight, bias=None, activation="relu"):
     Leading dims of x are flattened for the op and restored on the output. Inputs that are not
     contiguous (a transposed weight, a strided x) are copied to contiguous first.
     """
-    if _LOAD_ERROR is not None:
-        _require_extension()
-    if activation not in ACTIVATIONS:
-        _check_activation(activation)
+    _require_extension()
+    _check_activation(activation)
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("fused_linear: x and weight must be tensors")
     if x.dim() < 1:
@@ -82,13 +80,10 @@ def fused_linear(x, weight, bias=None, activation="relu"):
     if k != weight.shape[1]:
         raise ValueError(f"fused_linear: x has {k} input features but weight "
                          f"{tuple(weight.shape)} expects {weight.shape[1]}")
-    x2 = x if x.dim() == 2 else x.reshape(-1, k)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    if not weight.is_contiguous():
-        weight = weight.contiguous()
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
+    # .contiguous() returns the tensor itself when it already is.
+    x2 = (x if x.dim() == 2 else x.reshape(-1, k)).contiguous()
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     # GELU's backward needs the pre-activation; without autograd (inference) skip writing it.
     save_pre = activation == "gelu" and torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
