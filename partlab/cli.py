@@ -11,7 +11,7 @@ def main(argv=None):
         prog="partlab",
         description="Tensor and pipeline parallelism lab. Drivers: torchrun ... -m "
                     "partlab.tensor_parallel_native | partlab.tensor_parallel_manual | "
-                    "partlab.pipeline")
+                    "partlab.pipeline | partlab.pipeline_tensor_parallel")
     sub = p.add_subparsers(dest="command", required=True)
     lab = sub.add_parser("lab", help="run every strategy, compare with the reference, one table",
                          description="Unknown flags (--steps 5, --hidden-dim 4096, ...) are "
@@ -19,10 +19,14 @@ def main(argv=None):
     from partlab import lab as lab_module
     lab_module.add_arguments(lab)
     sub.add_parser("env", help="GPUs, versions, imports, extension: what the lab would run on")
-    # No -h of its own: `partlab bench op --help` reaches the benchmark's parser.
-    bench = sub.add_parser("bench", help="benchmarks (`partlab bench op --help`)",
-                           add_help=False)
-    bench.add_argument("what", choices=("op",), help="op: the fused linear+bias+activation op")
+    # No -h of its own: `partlab bench step --help` reaches the benchmark's own parser.
+    bench = sub.add_parser("bench", help="sweeps that write JSON and plots: step, bubble, comm, "
+                                         "memory, overhead, all; op: the fused op (`partlab "
+                                         "bench step --help`)", add_help=False)
+    from partlab.bench import SWEEPS
+    bench.add_argument("what", choices=(*SWEEPS, "all", "op"),
+                       help="a sweep (partlab/bench.py) or op: the fused linear+bias+activation "
+                            "op (partlab/bench_op.py)")
 
     args, rest = p.parse_known_args(argv)
     try:
@@ -33,8 +37,11 @@ def main(argv=None):
         if args.command == "env":
             from partlab import environment
             return environment.main()
-        from partlab import bench_op
-        return bench_op.main(rest)
+        if args.what == "op":
+            from partlab import bench_op
+            return bench_op.main(rest)
+        from partlab import bench
+        return bench.main(args.what, rest)
     except UsageError as e:
         print(f"partlab: error: {e}", file=sys.stderr)
         return 2

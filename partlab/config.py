@@ -37,6 +37,10 @@ class Settings:
     microbatches: int = 4
     schedule: str = "gpipe"
     stages: int | None = None
+    virtual_stages: int | None = None
+    timeline: str | None = None
+    # pipeline x tensor parallel only (None elsewhere)
+    tp: int | None = None
     # manual TP only
     fused: bool = True
 
@@ -72,23 +76,39 @@ def make_parser(prog, description):
     return p
 
 
+# Schedules with several stages per process (--virtual-stages, default 2).
+INTERLEAVED = ("interleaved-1f1b", "zero-bubble")
+
+
 def add_pipeline_flags(p):
     d = DEFAULTS
     p.add_argument("--microbatches", type=int, default=d.microbatches,
                    help="microbatches per step (the batch is split into this many)")
-    p.add_argument("--schedule", choices=("gpipe", "1f1b"), default=d.schedule,
-                   help="pipeline schedule")
+    p.add_argument("--schedule", choices=("gpipe", "1f1b") + INTERLEAVED, default=d.schedule,
+                   help="pipeline schedule (see partlab/pipeline.py)")
     p.add_argument("--stages", type=int, default=None,
-                   help="pipeline stages; must equal the number of processes (default: that)")
+                   help="pipeline ranks; must equal the processes in the pipeline dimension "
+                        "(default: that)")
+    p.add_argument("--virtual-stages", type=int, default=None, metavar="V",
+                   help="model chunks per pipeline rank (default 2 for the interleaved "
+                        "schedules, else 1)")
+    p.add_argument("--timeline", metavar="PREFIX", default=d.timeline,
+                   help="write PREFIX.png (Gantt chart of the last timed step, a row per "
+                        "rank) and PREFIX.json (Chrome trace of every step)")
 
 
 def parse(parser, argv=None):
     """Parse argv into Settings and check what needs no knowledge of the process group."""
     args = parser.parse_args(argv)
     s = Settings(**vars(args))
+    if s.virtual_stages is None:
+        s = dataclasses.replace(s, virtual_stages=2 if s.schedule in INTERLEAVED else 1)
+    require(s.virtual_stages == 1 or s.schedule in INTERLEAVED,
+            f"--virtual-stages {s.virtual_stages} needs an interleaved schedule: "
+            f"--schedule {' or '.join(INTERLEAVED)}")
     for flag in ("batch_size", "input_dim", "hidden_dim", "num_classes", "steps", "layers",
-                 "microbatches"):
-        require(getattr(s, flag) >= 1,
+                 "microbatches", "virtual_stages", "tp"):
+        require(getattr(s, flag) is None or getattr(s, flag) >= 1,
                 f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(s, flag)})")
     require(s.num_classes >= 2, f"--num-classes must be at least 2 (got {s.num_classes})")
     require(s.lr > 0, f"--lr must be positive (got {s.lr})")

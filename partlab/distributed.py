@@ -77,10 +77,29 @@ def choose_device(settings, launch):
     return torch.device("cpu"), "gloo"
 
 
+def pin_to_own_cores(launch):
+    """CPU runs: give each of this node's processes its own share of the allowed logical CPUs.
+
+    Unpinned, the scheduler moves ranks and gloo's threads between CPUs, and every step where
+    two land on one CPU stalls the other ranks in the next collective (a third of the steps on
+    a 2-core machine took twice as long). Done before init so gloo's threads inherit it; skipped
+    when there are fewer CPUs than processes, off Linux, and with PARTLAB_PIN=0 (e.g. several
+    runs sharing one machine, which would all pin to the same first CPUs).
+    """
+    if os.environ.get("PARTLAB_PIN") == "0" or not hasattr(os, "sched_getaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    share = len(cores) // launch.local_world_size
+    if launch.local_world_size > 1 and share >= 1:
+        os.sched_setaffinity(0, cores[launch.local_rank * share:(launch.local_rank + 1) * share])
+
+
 def init(settings, launch):
     device, backend = choose_device(settings, launch)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        pin_to_own_cores(launch)
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=settings.timeout),
                                 device_id=device if device.type == "cuda" else None)
@@ -107,13 +126,9 @@ def verify_same_settings(settings, group):
                             "than rank 0: start every rank with the same command and flags")
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def run(parser, validate, train, argv=None):
-    """A driver's whole life: parse, validate, join the group, check flags agree, train.
+def run(parser, validate, work, argv=None):
+    """A driver's whole life: parse, validate, join the group, check flags agree, then
+    work(settings, group) -> exit status (train and report: metrics.train_and_report).
 
     Exit status: 0 ok, 1 failed (deviation beyond tolerance under --check, or a collective
     error such as a timeout), 2 a usage mistake (reported in one line, once per node).
@@ -128,7 +143,7 @@ def run(parser, validate, train, argv=None):
         return usage_error(e, launch)
     try:
         verify_same_settings(settings, group)
-        status = train(settings, group)
+        status = work(settings, group)
         dist.barrier()  # leave together: a rank that tears down early can abort gloo peers
         dist.destroy_process_group()
     except UsageError as e:

@@ -25,6 +25,8 @@ STRATEGIES = [
     ("tensor_parallel_manual unfused", "partlab.tensor_parallel_manual", ["--no-fused"]),
     ("pipeline gpipe", "partlab.pipeline", ["--schedule", "gpipe"]),
     ("pipeline 1f1b", "partlab.pipeline", ["--schedule", "1f1b"]),
+    ("pipeline interleaved-1f1b", "partlab.pipeline", ["--schedule", "interleaved-1f1b"]),
+    ("pipeline zero-bubble", "partlab.pipeline", ["--schedule", "zero-bubble"]),
 ]
 
 
@@ -94,17 +96,28 @@ def run_strategy(module, nproc, flags, json_path):
 
 def table(records):
     head = ("strategy", "final loss", "max|dloss|", "max|dparam|", "step ms", "ref ms",
-            "speedup", "samples/s", "peak MiB/rank", "comm/step (rank 0)")
+            "speedup", "samples/s", "activations MiB/rank", "bubble (theory)",
+            "comm/step (rank 0)")
     rows = [head]
     for name, r in records:
         comm = ", ".join(f"{op} x{n}" for op, n in sorted(r["comm_per_step"][0].items()))
+        bubble = r.get("bubble")
+        if bubble:
+            theory = "-" if bubble["theory"] is None else f"{bubble['theory']:.0%}"
+            bubble = f"{bubble['measured']:.0%} ({theory})"
         rows.append((name, f"{r['losses'][-1]:.6f}", f"{r['max_abs_dloss']:.1e}",
                      f"{r['max_abs_dparam']:.1e}", f"{r['step_time_s'] * 1e3:.2f}",
                      f"{r['reference_step_time_s'] * 1e3:.2f}",
                      f"{r['reference_step_time_s'] / r['step_time_s']:.2f}x",
                      f"{r['samples_per_s']:,.0f}",
-                     "/".join(f"{m:.0f}" for m in r["peak_memory_mib"]), comm or "none"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+                     "/".join(f"{m:.2f}" for m in r["peak_activation_mib"]), bubble or "-",
+                     comm or "none"))
+    return aligned(rows)
+
+
+def aligned(rows):
+    """rows (the first is the header) as left-aligned columns with a rule under the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -115,9 +128,9 @@ def main(args, driver_flags):
     nproc, runs_on = choose_processes(args.nproc, args.device)
     driver_flags = driver_flags + ["--device", args.device]
     if "--layers" not in driver_flags:
-        # The pipeline needs a layer per stage and TP an even count: give every strategy the
-        # same model so their rows compare.
-        driver_flags = driver_flags + ["--layers", str(max(2, nproc + nproc % 2))]
+        # The interleaved pipelines need a layer for each of 2 stages per process and TP an
+        # even count: give every strategy the same model so their rows compare.
+        driver_flags = driver_flags + ["--layers", str(2 * nproc)]
     chosen = [s for s in STRATEGIES if not args.only or any(o in s[0] for o in args.only)]
     if not chosen:
         raise UsageError(f"--only {args.only} matches none of: "

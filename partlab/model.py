@@ -45,11 +45,15 @@ class MLP(nn.Module):
         return x
 
 
-def build_model(settings, device):
-    """The full model with the seed's weights, on `device` in the run's dtype."""
+def build_model(settings, device, keep=None):
+    """The full model with the seed's weights, on `device` in the run's dtype; with `keep`
+    (layer indices) only those layers, as a pipeline stage holds them."""
     torch.manual_seed(settings.seed)
     model = MLP(settings.input_dim, settings.hidden_dim, settings.num_classes, settings.layers,
                 settings.activation)
+    for name in list(model.layers):
+        if keep is not None and int(name) not in keep:
+            del model.layers[name]              # names unchanged: "layers.3.weight" stays
     return model.to(device=device, dtype=DTYPES[settings.dtype])
 
 

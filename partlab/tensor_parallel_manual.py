@@ -14,6 +14,7 @@ unless --no-fused, which keeps the plain PyTorch path as the reference path.
 Run: torchrun --standalone --nproc_per_node 2 -m partlab.tensor_parallel_manual
 """
 import argparse
+import functools
 import sys
 
 import torch
@@ -100,15 +101,16 @@ def forward(model, x, fused):
     return x
 
 
-def validate_sharding(settings, launch):
-    """What any tensor-parallel MLP needs (native TP uses this too)."""
-    world_size = launch.world_size
+def validate_sharding(settings, launch, ways=None):
+    """What any tensor-parallel MLP needs (native TP and the 2-D mode use this too); ways: the
+    tensor-parallel processes (default: all of them)."""
+    world_size = ways or launch.world_size
     require(settings.layers % 2 == 0,
             f"--layers {settings.layers}: tensor parallelism pairs a column- with a row-parallel "
             "layer, so use an even number of layers")
     require(settings.hidden_dim % world_size == 0,
             f"--hidden-dim {settings.hidden_dim} is not divisible by {world_size} processes: "
-            f"use a multiple of {world_size} or change --nproc_per_node")
+            f"use a multiple of {world_size} or change {'--tp' if ways else '--nproc_per_node'}")
 
 
 def validate(settings, launch):
@@ -124,7 +126,7 @@ def validate_device(settings, group):
             f"PARTLAB_BUILD=cuda ({ops.BUILD_HINT}), or pass --no-fused")
 
 
-def train(settings, group):
+def build(settings, group):
     validate_device(settings, group)
     model = parallelize(mlp.build_model(settings, group.device), group)
     opt = torch.optim.SGD(model.parameters(), lr=settings.lr)
@@ -136,20 +138,22 @@ def train(settings, group):
         opt.step()
         return loss.detach()
 
-    trace = metrics.run_steps(settings, group.device, step)
-    local = {n: p for n, p in model.named_parameters()}
     name = "tensor_parallel_manual" + ("" if settings.fused else " (unfused)")
-    return metrics.finish(name, settings, group, trace, local,
-                          reference_slice(group))
+    return metrics.Strategy(name, step, dict(model.named_parameters()), reference_slice(group))
+
+
+def parser():
+    p = make_parser("partlab.tensor_parallel_manual",
+                    "Manual tensor parallelism: column/row-parallel layers, all_reduce.")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                   help="column-parallel linear+bias+activation as one op from the "
+                        "extension (--no-fused: plain PyTorch)")
+    return p
 
 
 def main(argv=None):
-    parser = make_parser("partlab.tensor_parallel_manual",
-                         "Manual tensor parallelism: column/row-parallel layers, all_reduce.")
-    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
-                        help="column-parallel linear+bias+activation as one op from the "
-                             "extension (--no-fused: plain PyTorch)")
-    return distributed.run(parser, validate, train, argv)
+    return distributed.run(parser(), validate,
+                           functools.partial(metrics.train_and_report, build), argv)
 
 
 if __name__ == "__main__":

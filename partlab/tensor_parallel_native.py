@@ -10,6 +10,7 @@ the same communication by hand.
 
 Run: torchrun --standalone --nproc_per_node 2 -m partlab.tensor_parallel_native
 """
+import functools
 import sys
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from partlab import distributed, metrics, missing_torch_feature
 from partlab import model as mlp
 from partlab.config import make_parser
-from partlab.tensor_parallel_manual import validate_sharding
+from partlab.tensor_parallel_manual import validate_sharding as validate
 
 try:
     from torch.distributed.device_mesh import init_device_mesh
@@ -28,16 +29,16 @@ except ImportError as e:
     raise SystemExit(missing_torch_feature("torch.distributed.tensor.parallel", e)) from None
 
 
-def plan(num_layers):
+def plan(model):
     """Even layers column-parallel, odd layers row-parallel: one all_reduce per pair."""
-    return {f"layers.{i}": ColwiseParallel() if i % 2 == 0 else RowwiseParallel()
-            for i in range(num_layers)}
+    return {f"layers.{name}": ColwiseParallel() if int(name) % 2 == 0 else RowwiseParallel()
+            for name in model.layers}
 
 
-def train(settings, group):
+def build(settings, group):
     mesh = init_device_mesh(group.device.type, (group.world_size,))
-    model = parallelize_module(mlp.build_model(settings, group.device), mesh,
-                               plan(settings.layers))
+    model = mlp.build_model(settings, group.device)
+    model = parallelize_module(model, mesh, plan(model))
     opt = torch.optim.SGD(model.parameters(), lr=settings.lr)
 
     def step(x, y):
@@ -47,7 +48,6 @@ def train(settings, group):
         opt.step()
         return loss.detach()
 
-    trace = metrics.run_steps(settings, group.device, step)
     params = dict(model.named_parameters())
 
     def reference_slice(name, full):
@@ -55,15 +55,18 @@ def train(settings, group):
         # locally instead of scattering from rank 0, so this is no collective.
         return distribute_tensor(full, mesh, params[name].placements, src_data_rank=None).to_local()
 
-    local = {n: p.to_local() for n, p in params.items()}
-    return metrics.finish("tensor_parallel_native", settings, group, trace, local,
-                          reference_slice)
+    return metrics.Strategy("tensor_parallel_native", step,
+                            {n: p.to_local() for n, p in params.items()}, reference_slice)
+
+
+def parser():
+    return make_parser("partlab.tensor_parallel_native",
+                       "Tensor parallelism with torch.distributed.tensor.parallel (DTensor).")
 
 
 def main(argv=None):
-    parser = make_parser("partlab.tensor_parallel_native",
-                         "Tensor parallelism with torch.distributed.tensor.parallel (DTensor).")
-    return distributed.run(parser, validate_sharding, train, argv)
+    return distributed.run(parser(), validate,
+                           functools.partial(metrics.train_and_report, build), argv)
 
 
 if __name__ == "__main__":

@@ -54,10 +54,12 @@ for name in names:
         pass
 EOF
 )"
-# numpy, setuptools, ninja: the exact pins of docker/Dockerfile's pip step (it installs them).
-dockerfile_pins="$(grep -oE '\b(numpy|setuptools|ninja)==[^ \\]+' "$repo/docker/Dockerfile" | sort -u)"
-[ "$(echo "$dockerfile_pins" | wc -l)" = 3 ] \
-  || die "expected numpy==, setuptools==, ninja== pins in docker/Dockerfile, found: $dockerfile_pins"
+# numpy, setuptools, ninja, matplotlib: the exact pins of docker/Dockerfile's pip step (it
+# installs them; matplotlib's own dependencies come along unpinned, as pip resolves them).
+dockerfile_pins="$(grep -oE '\b(numpy|setuptools|ninja|matplotlib)==[^ \\]+' "$repo/docker/Dockerfile" \
+  | sort -u)"
+[ "$(echo "$dockerfile_pins" | wc -l)" = 4 ] \
+  || die "expected numpy==, setuptools==, ninja==, matplotlib== pins in docker/Dockerfile, found: $dockerfile_pins"
 constraints="$constraints
 $dockerfile_pins"
 
@@ -85,7 +87,7 @@ if [ ! -f "$wheels/.complete" ]; then
   # The host runs Python 3.11 on glibc 2.36 like the bookworm base, so its wheels fit.
   "$PYTHON" -m pip download --quiet --only-binary=:all: \
     -c "$work/constraints.txt" -d "$wheels" \
-    "$TORCH_SPEC" numpy setuptools ninja
+    "$TORCH_SPEC" numpy setuptools ninja matplotlib
   touch "$wheels/.complete"
 fi
 

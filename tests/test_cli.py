@@ -17,7 +17,8 @@ def test_lab_runs_every_strategy_and_records_provenance(tmp_path):
     result = json.loads(path.read_text())
     names = [r["name"] for r in result["runs"]]
     assert names == ["tensor_parallel_native", "tensor_parallel_manual",
-                     "tensor_parallel_manual unfused", "pipeline gpipe", "pipeline 1f1b"]
+                     "tensor_parallel_manual unfused", "pipeline gpipe", "pipeline 1f1b",
+                     "pipeline interleaved-1f1b", "pipeline zero-bubble"]
     assert all(r["ok"] and r["world_size"] == 2 for r in result["runs"]) and not result["failed"]
     prov = result["provenance"]
     for key in ("torch", "cuda", "nccl", "devices", "runs_on", "world_size", "git_revision",

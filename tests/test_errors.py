@@ -30,11 +30,17 @@ def assert_one_line_error(proc, seconds, message, limit=30):
     ("tensor_parallel_manual", ["--hidden-dim", "129"], "not divisible by 2 processes"),
     ("tensor_parallel_native", ["--hidden-dim", "129"], "not divisible by 2 processes"),
     ("tensor_parallel_native", ["--layers", "3"], "use an even number of layers"),
-    ("pipeline", ["--stages", "3"], "--stages 3 but 2 processes"),
+    ("pipeline", ["--stages", "3"], "--stages 3 but 2 pipeline ranks"),
     ("pipeline", ["--layers", "1"], "cannot make 2 stages"),
     ("pipeline", ["--batch-size", "30", "--microbatches", "4"], "not divisible by --microbatches"),
     ("pipeline", ["--schedule", "1f1b", "--microbatches", "1"], "needs --microbatches >= stages"),
     ("pipeline", ["--steps", "0"], "--steps must be at least 1"),
+    ("pipeline", ["--schedule", "interleaved-1f1b"], "cannot make 4 stages (2 ranks x 2 virtual"),
+    ("pipeline", ["--schedule", "zero-bubble", "--layers", "4", "--batch-size", "40",
+                  "--microbatches", "5"], "runs microbatches in rounds of 2"),
+    ("pipeline", ["--virtual-stages", "2"], "needs an interleaved schedule"),
+    ("pipeline_tensor_parallel", ["--tp", "3"], "do not split into groups of --tp 3"),
+    ("pipeline_tensor_parallel", ["--hidden-dim", "129"], "not divisible by 2 processes"),
     ("tensor_parallel_manual", ["--lr", "-1"], "--lr must be positive"),
 ])
 def test_bad_flags_fail_before_any_collective(module, args, message):

@@ -16,8 +16,7 @@ SMALL = Settings(batch_size=16, input_dim=32, hidden_dim=48, num_classes=5, step
 def test_partlab_reference_equals_plain_pytorch(activation):
     s = dataclasses.replace(SMALL, activation=activation)
     model = mlp.build_model(s, torch.device("cpu"))
-    losses, _, _ = metrics.run_steps(s, torch.device("cpu"), mlp.reference_step_fn(model, s),
-                                     count_comm=False)
+    losses = metrics.run_steps(s, torch.device("cpu"), mlp.reference_step_fn(model, s)).losses
     plain_losses, plain_params = plain_reference(s)
     # Same ops in the same order on the same device: bit-identical, no tolerance needed.
     assert losses == plain_losses

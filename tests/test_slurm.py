@@ -181,6 +181,20 @@ def test_two_nodes(slurm, results, tmp_path, strategy, record):
     assert_matches_reference(json.loads((results / job / f"{record}.json").read_text()), log)
 
 
+def test_pipeline_of_tensor_parallel_stages_across_two_nodes(slurm, results, tmp_path):
+    """Two processes per node: each node holds one pipeline stage, split 2-way tensor-parallel,
+    so all_reduces stay inside a node and only activations cross between nodes."""
+    job, info, log = run_job(slurm, results, ["--nodes=2", "--cpus-per-task=2"],
+                             [str(SLURM_DIR / "run.sbatch"), "pipeline-tp", *SMALL, "--tp", "2",
+                             "--layers", "4"],
+                             env={"PARTLAB_ROOT": str(ROOT)}, cwd=tmp_path)
+    assert_completed(job, info, log)
+    assert "--nnodes 2 --nproc-per-node 2 --rdzv-backend c10d" in log
+    record = json.loads((results / job / "pipeline_tensor_parallel.json").read_text())
+    assert_matches_reference(record, log, world_size=4)
+    assert record["pipeline_ranks"] == 2 and record["tp"] == 2
+
+
 def test_a_failing_rank_ends_the_job(slurm, results, tmp_path):
     """Rank 1 (on n2) dies right after joining the group, while rank 0 waits in a collective
     with a 300 s timeout: the job must fail within seconds, not hang until the timeout."""

@@ -1,0 +1,380 @@
+"""`partlab bench <sweep>`: run the drivers over a range of sizes; write DIR/<sweep>.json (every
+run's record, its command and the provenance) and DIR/<sweep>.png, and print a table.
+
+  step    step time and throughput vs hidden width: the reference, native TP, manual TP
+          (fused and unfused)
+  bubble  the bubble measured from each pipeline schedule's timeline vs microbatches, next to
+          the theory (p-1)/(v*m+p-1); Gantt charts of the largest m
+  comm    communication per step as the drivers count it vs the analytic count and bytes
+  memory  activation memory per rank vs microbatches, GPipe vs 1F1B
+  overhead  what the drivers' own measuring costs: their step loop vs a bare loop of the same
+          strategy (partlab/bench_overhead.py)
+  all     the five above
+
+Every point is one driver run launched exactly as a user would (torchrun ... --json ... --check,
+via partlab.lab.run_strategy), so each number can be reproduced from the command stored with it.
+A failed run is reported with its `partlab:` lines and makes the exit status 1; the sweep goes on.
+`partlab bench op` (partlab/bench_op.py) is the fused op's micro-benchmark. (This file is longer
+than partlab's usual 300 lines: five sweeps, each next to the analytic model it checks; the
+plots live in partlab/plots.py.)
+"""
+import argparse
+import importlib.util
+import itertools
+import json
+import os
+import statistics
+import tempfile
+
+from partlab import lab, plots
+from partlab.config import INTERLEAVED, UsageError
+from partlab.model import DTYPES
+from partlab.pipeline import stage_ids, stage_layers
+
+# Sizes per sweep. Defaults take 4-10 s per run on 2 CPU cores; on GPUs pass bigger ones
+# (--hidden-dims 16384 --batch-size 1024). A sweep that needs one width uses the largest of
+# --hidden-dims; comm's pipeline the largest --microbatches. layers None: 2 per pipeline rank,
+# what the interleaved schedules need. --quick: QUICK over the defaults, then the sweep's own.
+SIZES = {
+    # The handout's MLP; up to 8192 wide, where splitting the matmuls starts to pay on CPUs.
+    "step": {"hidden_dims": [512, 1024, 2048, 4096, 8192], "batch_size": 64,
+             "input_dim": 1024, "layers": 2, "steps": 20, "nproc": [2]},
+    # input << hidden: both halves of the model hold the same work, so what is measured is the
+    # schedule's bubble rather than one stage waiting for a slower one.
+    "bubble": {"microbatches": [1, 2, 4, 8], "hidden_dims": [2048], "batch_size": 512,
+               "input_dim": 64, "layers": None, "steps": 5, "nproc": [2]},
+    # 4 layers: two TP pairs, so the second pair's backward all_reduce is counted too.
+    "comm": {"hidden_dims": [512, 2048], "microbatches": [4], "batch_size": 64,
+             "input_dim": 1024, "layers": 4, "steps": 3, "nproc": [2, 4]},
+    "memory": {"microbatches": [2, 4, 8, 16], "hidden_dims": [2048], "batch_size": 64,
+               "input_dim": 1024, "layers": None, "steps": 3, "nproc": [2]},
+    # The lab's shape; 10 steps so the driver's one counted step weighs what it does in a run.
+    "overhead": {"hidden_dims": [2048], "microbatches": [4], "batch_size": 64,
+                 "input_dim": 1024, "layers": 4, "steps": 10, "nproc": [2]},
+}
+QUICK = {"hidden_dims": [64], "batch_size": 32, "input_dim": 64, "steps": 3, "nproc": [2]}
+QUICK_SWEEP = {"bubble": {"microbatches": [2, 4]}, "memory": {"microbatches": [2, 4]},
+               "overhead": {"layers": 4}}
+NUM_CLASSES = 10
+TP = [("native TP", "partlab.tensor_parallel_native", []),
+      ("manual TP fused", "partlab.tensor_parallel_manual", ["--fused"]),
+      ("manual TP unfused", "partlab.tensor_parallel_manual", ["--no-fused"])]
+SCHEDULES = ("gpipe", "1f1b") + INTERLEAVED
+
+
+def ints(text):
+    """A comma-separated list of positive integers (`--hidden-dims 512,1024`)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 512,1024, got {text!r}") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"values must be at least 1, got {text!r}")
+    return values
+
+
+def make_parser(sweep):
+    defaults = "".join(f"\n  {name}: " + ", ".join(f"{k} {v}" for k, v in sizes.items())
+                       for name, sizes in SIZES.items() if sweep in (name, "all"))
+    p = argparse.ArgumentParser(prog=f"partlab bench {sweep}", description=__doc__,
+                                epilog="default sizes (--quick: tiny ones):" + defaults,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join("results", "bench"),
+                   help="directory for <sweep>.json and <sweep>.png (default results/bench)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes: a smoke test for CI, not a measurement")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="passed to every driver")
+    p.add_argument("--hidden-dims", type=ints, metavar="N,...", help="model widths")
+    p.add_argument("--microbatches", type=ints, metavar="M,...", help="pipeline microbatches")
+    p.add_argument("--nproc", type=ints, metavar="P,...", help="processes per run")
+    for flag in ("batch-size", "input-dim", "layers", "steps"):
+        p.add_argument(f"--{flag}", type=int, help="overrides the sweep's default")
+    return p
+
+
+def main(sweep, argv):
+    """Run one sweep (or all); exit status 1 when any run failed."""
+    args = make_parser(sweep).parse_args(argv)
+    if not importlib.util.find_spec("matplotlib"):
+        raise UsageError("partlab bench draws its plots with matplotlib, which is not "
+                         "installed: pip install matplotlib")
+    status = 0
+    for name in SWEEPS if sweep == "all" else [sweep]:
+        quick = {**QUICK, **QUICK_SWEEP.get(name, {})} if args.quick else {}
+        sizes = {**SIZES[name], **quick,
+                 **{k: v for k, v in vars(args).items() if k in SIZES[name] and v is not None}}
+        status |= SWEEPS[name](Sweep(name, args, sizes))
+    return status
+
+
+class Sweep:
+    """The shared runner and writer: launches drivers, keeps their records, writes the results."""
+
+    def __init__(self, name, args, sizes):
+        self.name, self.out, self.device, self.sizes = name, args.out, args.device, sizes
+        self.nproc, self.runs_on = lab.choose_processes(max(sizes["nproc"]), args.device)
+        self.points, self.commands, self.failed = [], [], []
+        print(f"partlab bench {name}: " + ", ".join(f"{k} {v}" for k, v in sizes.items())
+              + f" ({'--quick: not a measurement' if args.quick else self.runs_on})", flush=True)
+
+    def flags(self, hidden, *extra, layers=None):
+        s = self.sizes
+        return [str(f) for f in ("--batch-size", s["batch_size"], "--input-dim", s["input_dim"],
+                                 "--hidden-dim", hidden, "--num-classes", NUM_CLASSES,
+                                 "--layers", layers or s["layers"], "--steps", s["steps"],
+                                 "--device", self.device, *extra)]
+
+    def run(self, module, nproc, flags, **params):
+        """One driver run; returns its record (None when it failed)."""
+        label = " ".join(f"{k}={v}" for k, v in {"nproc": nproc, **params}.items())
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "record.json")
+            cmd, proc, seconds = lab.run_strategy(module, nproc, flags, path)
+            if proc.returncode == 0:
+                with open(path) as f:
+                    record = json.load(f)
+        self.commands.append(cmd)
+        if proc.returncode:
+            output = proc.stderr + proc.stdout
+            errors = [line for line in output.splitlines()
+                      if line.startswith("partlab:")] or output.splitlines()[-12:]
+            self.failed.append({**params, "nproc": nproc, "command": cmd, "errors": errors})
+            print(f"  {label:<52} FAILED (exit {proc.returncode}, {seconds:.1f} s): "
+                  + "\n    ".join(errors), flush=True)
+            return None
+        print(f"  {label:<52} ok ({seconds:.1f} s)", flush=True)
+        self.points.append({**params, "nproc": nproc, "command": cmd, "record": record})
+        return record
+
+    def write(self, rows, columns, **extra):
+        """Print rows as a table (columns: (heading, key, format)), write the JSON and plot."""
+        print(lab.aligned([[c[0] for c in columns]]
+                    + [[cell(r.get(key), fmt) for _, key, fmt in columns] for r in rows]))
+        os.makedirs(self.out, exist_ok=True)
+        stem = os.path.join(self.out, self.name)
+        result = {"sweep": self.name, "sizes": self.sizes, "results": rows, **extra,
+                  "provenance": lab.provenance(self.nproc, self.runs_on),
+                  "commands": self.commands, "failed": self.failed, "points": self.points}
+        with open(stem + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        if rows:
+            getattr(plots, self.name)(rows, stem + ".png", self.caption())
+        for path in [stem + ".json"] + [stem + ".png"] * bool(rows) + extra.get("timelines", []):
+            print(f"wrote {path}")
+        print(flush=True)
+        return 1 if self.failed else 0
+
+    def caption(self):
+        s = self.sizes
+        layers = s["layers"] or "2/rank"
+        return (f"batch {s['batch_size']}, input {s['input_dim']}, {layers} layers, "
+                f"{s['steps']} steps; {self.runs_on}")
+
+
+def cell(value, fmt):
+    """A table cell: "-" for no value, per-rank lists as a/b/..."""
+    if value is None:
+        return "-"
+    return "/".join(fmt.format(v) for v in value) if isinstance(value, list) else fmt.format(value)
+
+
+def step(sweep):
+    """Step time and samples/s vs hidden width. The reference is the single-process step each
+    driver times on rank 0 alone; per width it is the median over that width's runs."""
+    s = sweep.sizes
+    ms = {}
+    for hidden, nproc, (name, module, extra) in itertools.product(s["hidden_dims"], s["nproc"], TP):
+        record = sweep.run(module, nproc, sweep.flags(hidden, *extra), strategy=name,
+                           hidden_dim=hidden)
+        if record:
+            ms[name, nproc, hidden] = record["step_time_s"] * 1e3
+            ms.setdefault(("reference", 1, hidden), []).append(
+                record["reference_step_time_s"] * 1e3)
+    for key in [k for k in ms if k[0] == "reference"]:
+        ms[key] = statistics.median(ms[key])
+    rows = []
+    for name, nproc, hidden in sorted(ms, key=lambda k: (k[2], k[0] != "reference")):
+        t, native = ms[name, nproc, hidden], ms.get(("native TP", nproc, hidden))
+        rows.append({"strategy": name, "nproc": nproc, "hidden_dim": hidden, "step_ms": t,
+                     "samples_per_s": s["batch_size"] / t * 1e3,
+                     "speedup_vs_reference": ms["reference", 1, hidden] / t,
+                     "fused_over_native": t / native if name == "manual TP fused" and native
+                     else None})
+    return sweep.write(rows, [
+        ("strategy", "strategy", "{}"), ("ranks", "nproc", "{}"), ("hidden", "hidden_dim", "{}"),
+        ("step ms", "step_ms", "{:.2f}"), ("samples/s", "samples_per_s", "{:,.0f}"),
+        ("speedup vs reference", "speedup_vs_reference", "{:.2f}x"),
+        ("fused/native step", "fused_over_native", "{:.2f}")])
+
+
+def run_pipeline(sweep, p, schedule, m, *extra):
+    """One partlab.pipeline run on p ranks of the sweep's widest model, 2 layers per rank unless
+    --layers says otherwise (None, not run, where 1F1B would refuse: m < p)."""
+    if schedule == "1f1b" and m < p:
+        print(f"  skip schedule=1f1b microbatches={m}: 1F1B needs at least {p} (the ranks)")
+        return None
+    s = sweep.sizes
+    return sweep.run("partlab.pipeline", p, sweep.flags(
+        max(s["hidden_dims"]), "--schedule", schedule, "--microbatches", m, *extra,
+        layers=s["layers"] or 2 * p), schedule=schedule, microbatches=m)
+
+
+def bubble(sweep):
+    """Measured bubble per schedule vs microbatches, with theory (none for zero-bubble, whose
+    weight-gradient work fills the idle slots); --timeline charts for the largest m."""
+    s = sweep.sizes
+    rows, timelines = [], []
+    for p, schedule, m in itertools.product(s["nproc"], SCHEDULES, s["microbatches"]):
+        prefix = os.path.join(sweep.out, f"timeline-{schedule}-m{m}"
+                              + (f"-p{p}" if len(s["nproc"]) > 1 else ""))
+        record = run_pipeline(sweep, p, schedule, m,
+                              *["--timeline", prefix] * (m == max(s["microbatches"])))
+        if record:
+            v, measured = record["settings"]["virtual_stages"], record["bubble"]["measured"]
+            ideal = record["bubble"]["theory"]
+            rows.append({"schedule": schedule, "nproc": p, "microbatches": m,
+                         "virtual_stages": v, "measured": measured, "theory": ideal,
+                         "excess": None if ideal is None else measured - ideal,
+                         "per_rank": record["bubble"]["per_rank"]})
+            timelines += record["bubble"]["files"] or []
+    return sweep.write(rows, [
+        ("schedule", "schedule", "{}"), ("ranks", "nproc", "{}"), ("m", "microbatches", "{}"),
+        ("v", "virtual_stages", "{}"), ("measured", "measured", "{:.1%}"),
+        ("theory", "theory", "{:.1%}"), ("measured - theory", "excess", "{:+.1%}")],
+        timelines=timelines)
+
+
+def widths(s):
+    """Each layer boundary's width: input, hidden..., classes (s: a record's settings)."""
+    return [s["input_dim"]] + [s["hidden_dim"]] * (s["layers"] - 1) + [s["num_classes"]]
+
+
+def dtype_bytes(s):
+    return DTYPES[s["dtype"]].itemsize
+
+
+def tp_comm(s):
+    """Communication per step of one rank of a tensor-parallel MLP (native or manual TP), as
+    {op: {"count", "bytes"}}; bytes are the payload the rank hands to the op.
+
+    With L layers there are L/2 column/row pairs. Forward: one all_reduce per pair of the row
+    layer's output, B x out. Backward: one per pair but the first (the model's input needs no
+    gradient) of the column layer's input gradient, B x in. Every rank reduces the whole tensor,
+    so the payload does not depend on the number of ranks; what travels does (ring_wire_bytes).
+    """
+    dims, pairs = widths(s), range(0, s["layers"], 2)
+    elements = ([s["batch_size"] * dims[i + 2] for i in pairs]
+                + [s["batch_size"] * dims[i] for i in pairs if i > 0])
+    return {"all_reduce": {"count": len(elements), "bytes": sum(elements) * dtype_bytes(s)}}
+
+
+def ring_wire_bytes(payload, ranks):
+    """What one rank sends in a ring all_reduce of `payload` bytes: a reduce-scatter and an
+    all-gather, each t-1 messages of payload/t, so 2(t-1)/t x payload."""
+    return 2 * (ranks - 1) / ranks * payload
+
+
+def pipeline_comm(s, rank, ranks):
+    """Communication per step of pipeline rank `rank` of `ranks`, as {op: {"count", "bytes"}}.
+
+    Each microbatch crosses each stage boundary once forward (its activation) and once backward
+    (that activation's gradient): (B/m) x width(boundary) elements each way. So for each stage
+    the rank holds, it sends m messages to each neighbour stage and receives m from each.
+    """
+    m, v, dims = s["microbatches"], s["virtual_stages"] or 1, widths(s)
+    total = ranks * v
+    elements = [s["batch_size"] // m * dims[stage_layers(s["layers"], max(a, b), total)[0]]
+                for a in stage_ids(rank, ranks, v) for b in (a - 1, a + 1) if 0 <= b < total]
+    one_way = {"count": m * len(elements), "bytes": m * sum(elements) * dtype_bytes(s)}
+    return {"send": one_way, "recv": dict(one_way)}
+
+
+def comm(sweep):
+    """Measured communication per step per rank vs tp_comm / pipeline_comm: payloads must agree
+    exactly (a mismatch is a driver doing more or less than the design says)."""
+    s = sweep.sizes
+    pipeline = ("pipeline gpipe", "partlab.pipeline",
+                ["--schedule", "gpipe", "--microbatches", str(max(s["microbatches"]))])
+    rows = []
+    for p, hidden, (name, module, extra) in itertools.product(s["nproc"], s["hidden_dims"],
+                                                              TP[:2] + [pipeline]):
+        record = sweep.run(module, p, sweep.flags(hidden, *extra), strategy=name,
+                           hidden_dim=hidden)
+        for rank in range(p) if record else ():
+            expected = pipeline_comm(record["settings"], rank, p) if module == pipeline[1] \
+                else tp_comm(record["settings"])
+            for op, want in sorted(expected.items()):
+                got = record["comm_bytes_per_step"][rank].get(op, 0)
+                rows.append({"strategy": name, "nproc": p, "hidden_dim": hidden, "rank": rank,
+                             "op": op, "count": record["comm_per_step"][rank].get(op, 0),
+                             "count_analytic": want["count"], "bytes": got,
+                             "bytes_analytic": want["bytes"], "ratio": got / want["bytes"],
+                             "wire_bytes": ring_wire_bytes(want["bytes"], p)
+                             if op == "all_reduce" else want["bytes"] if op == "send" else None})
+    merged = {}  # ranks with the same numbers share a row
+    for r in rows:
+        same = tuple(v for k, v in r.items() if k != "rank")
+        merged.setdefault(same, {**r, "rank": []})["rank"].append(r["rank"])
+    return sweep.write(list(merged.values()), [
+        ("strategy", "strategy", "{}"), ("ranks", "nproc", "{}"), ("hidden", "hidden_dim", "{}"),
+        ("rank(s)", "rank", "{}"), ("op", "op", "{}"), ("count", "count", "{}"),
+        ("analytic", "count_analytic", "{}"), ("bytes", "bytes", "{:,}"),
+        ("analytic", "bytes_analytic", "{:,}"), ("ratio", "ratio", "{:.2f}"),
+        ("wire bytes sent", "wire_bytes", "{:,.0f}")])
+
+
+def memory(sweep):
+    """Peak activation memory per rank, GPipe vs 1F1B, vs microbatches. GPipe keeps all m
+    microbatches' activations until the backwards start; 1F1B at most p - rank of them, so on
+    rank 0 the ratio should be m/p (1 while m <= p)."""
+    rows = []
+    for p, m in itertools.product(sweep.sizes["nproc"], sweep.sizes["microbatches"]):
+        row = {"nproc": p, "microbatches": m, "expected_ratio_rank0": m / min(m, p)}
+        for schedule in ("gpipe", "1f1b"):
+            record = run_pipeline(sweep, p, schedule, m)
+            if record:
+                row[f"{schedule}_activation_mib"] = record["peak_activation_mib"]
+                row[f"{schedule}_peak_memory_mib"] = record["peak_memory_mib"]
+        if "gpipe_activation_mib" in row and "1f1b_activation_mib" in row:
+            row["ratio"] = [g / f for g, f in zip(row["gpipe_activation_mib"],
+                                                  row["1f1b_activation_mib"])]
+            rows.append(row)
+    return sweep.write(rows, [
+        ("ranks", "nproc", "{}"), ("m", "microbatches", "{}"),
+        ("gpipe act MiB/rank", "gpipe_activation_mib", "{:.2f}"),
+        ("1f1b act MiB/rank", "1f1b_activation_mib", "{:.2f}"),
+        ("gpipe/1f1b per rank", "ratio", "{:.2f}"),
+        ("m/p (rank 0)", "expected_ratio_rank0", "{:.2f}"),
+        ("peak MiB gpipe", "gpipe_peak_memory_mib", "{:.0f}"),
+        ("peak MiB 1f1b", "1f1b_peak_memory_mib", "{:.0f}")])
+
+
+def overhead(sweep):
+    """The drivers' step as they measure it vs a bare loop of the same strategy, same run
+    (partlab/bench_overhead.py): target at most +5 %. The whole loop also pays for the last
+    step, which counts collectives and saved activations under Python hooks."""
+    s = sweep.sizes
+    m = max(s["microbatches"])
+    strategies = [("native TP", ["--strategy", "native"]),
+                  ("manual TP fused", ["--strategy", "manual", "--fused"])] + [
+        (f"pipeline {schedule}", ["--strategy", "pipeline", "--schedule", schedule,
+                                  "--microbatches", m]) for schedule in ("gpipe", "1f1b")]
+    rows = []
+    for p, (name, extra) in itertools.product(s["nproc"], strategies):
+        result = sweep.run("partlab.bench_overhead", p, sweep.flags(max(s["hidden_dims"]), *extra),
+                           strategy=name)
+        if result:
+            rows.append({"strategy": name, "nproc": p,
+                         "step_ms": statistics.median(result["reported_step_s"]) * 1e3,
+                         "bare_step_ms": statistics.median(result["bare_step_s"]) * 1e3,
+                         "step_overhead": result["step_overhead"],
+                         "loop_overhead": result["loop_overhead"]})
+    return sweep.write(rows, [
+        ("strategy", "strategy", "{}"), ("ranks", "nproc", "{}"),
+        ("driver step ms", "step_ms", "{:.2f}"), ("bare step ms", "bare_step_ms", "{:.2f}"),
+        ("step overhead", "step_overhead", "{:+.1%}"),
+        ("whole loop", "loop_overhead", "{:+.1%}")])
+
+
+SWEEPS = {"step": step, "bubble": bubble, "comm": comm, "memory": memory, "overhead": overhead}

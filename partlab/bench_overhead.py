@@ -1,0 +1,94 @@
+"""What the drivers' own measuring costs: their step loop against a bare loop of the same step.
+
+A driver times every step (synchronising the device around it), reads the loss back, counts
+collectives and saved activations on the last step, and (pipelines) times every compute call
+for the timeline. Here two copies of one strategy are built in the same process group; one
+runs the driver's loop (metrics.run_steps), the other the same steps with nothing around them,
+alternating, and rank 0 reports how much longer the driver's loop takes.
+
+Run by `partlab bench overhead`; by hand:
+  torchrun --standalone --nproc_per_node 2 -m partlab.bench_overhead --strategy manual --steps 10
+"""
+import argparse
+import functools
+import importlib
+import json
+import statistics
+import sys
+import time
+
+from partlab import distributed, metrics
+from partlab import model as mlp
+
+DRIVERS = {"native": "tensor_parallel_native", "manual": "tensor_parallel_manual",
+           "pipeline": "pipeline", "pipeline-tp": "pipeline_tensor_parallel"}
+
+
+def bare_loop(settings, device, step):
+    """The same steps with nothing around them: no per-step sync, timing or loss read-back.
+    Returns the seconds per step over the steps the driver's summary uses (timed_steps)."""
+    steps = list(range(settings.steps))
+    timed = metrics.timed_steps(steps)
+    for i in steps[:steps.index(timed[0])]:
+        step(*mlp.make_batch(settings, i, device))
+    metrics.synchronize(device)
+    start = time.perf_counter()
+    for i in timed:
+        step(*mlp.make_batch(settings, i, device))
+    metrics.synchronize(device)
+    seconds = (time.perf_counter() - start) / len(timed)
+    for i in steps[steps.index(timed[-1]) + 1:]:
+        step(*mlp.make_batch(settings, i, device))
+    return seconds
+
+
+def compare_loops(build, rounds, json_path, settings, group):
+    """Alternate the driver's loop and the bare loop; compare the mean of the driver's timed
+    steps (the steps its reported median comes from) with the bare loop's mean over the same
+    steps, and the whole loops' wall time (which includes the driver's slower last step, where
+    it counts collectives and memory). The bare pipeline keeps its timeline's wrappers, idle:
+    one attribute test per compute call."""
+    measured, bare = build(settings, group), build(settings, group)
+    reported, plain, driver_wall, bare_wall = [], [], [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        trace = metrics.run_steps(settings, group.device, measured.step,
+                                  measured.params.values(), measured.timeline)
+        driver_wall.append(time.perf_counter() - start)
+        reported.append(statistics.mean(metrics.timed_steps(trace.times)))
+        start = time.perf_counter()
+        plain.append(bare_loop(settings, group.device, bare.step))
+        bare_wall.append(time.perf_counter() - start)
+    if group.rank == 0:
+        step_cost = statistics.median(reported) / statistics.median(plain) - 1
+        loop_cost = statistics.median(driver_wall) / statistics.median(bare_wall) - 1
+        result = {"strategy": measured.name, "world_size": group.world_size,
+                  "steps": settings.steps, "rounds": rounds, "reported_step_s": reported,
+                  "bare_step_s": plain, "driver_loop_s": driver_wall, "bare_loop_s": bare_wall,
+                  "step_overhead": step_cost, "loop_overhead": loop_cost}
+        print(f"{measured.name}: median of {rounds} rounds of {settings.steps} steps: step "
+              f"{statistics.median(reported) * 1e3:.2f} ms timed by the driver, "
+              f"{statistics.median(plain) * 1e3:.2f} ms in a bare loop: {step_cost:+.1%}; "
+              f"whole loop (incl. the counted last step) {loop_cost:+.1%}")
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(result, f, indent=1)
+    return 0
+
+
+def main(argv=None):
+    own = argparse.ArgumentParser(
+        prog="partlab.bench_overhead", add_help=False,
+        description="The driver's step loop vs a bare loop of the same strategy. Other flags "
+                    "go to the strategy's driver.")
+    own.add_argument("--strategy", choices=DRIVERS, default="manual")
+    own.add_argument("--rounds", type=int, default=5, help="driver/bare loop pairs")
+    own.add_argument("--json", metavar="PATH", help="rank 0 writes the result here")
+    args, rest = own.parse_known_args(sys.argv[1:] if argv is None else argv)
+    driver = importlib.import_module(f"partlab.{DRIVERS[args.strategy]}")
+    work = functools.partial(compare_loops, driver.build, args.rounds, args.json)
+    return distributed.run(driver.parser(), driver.validate, work, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""`partlab bench`: the analytic communication model by hand, and every sweep run with --quick
+(one `partlab bench all --quick`, shared by the checks below) whose results must agree with it."""
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from launch import run
+
+from partlab import bench, cli
+from partlab.config import Settings
+
+PARTLAB = [sys.executable, "-m", "partlab"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def settings(**kw):
+    return dataclasses.asdict(Settings(**kw))
+
+
+def test_tp_comm_by_hand():
+    # 2 layers (the handout's MLP): one forward all_reduce of the logits, 64 x 10 fp32; the
+    # first pair's backward needs none (the input needs no gradient).
+    assert bench.tp_comm(settings()) == {"all_reduce": {"count": 1, "bytes": 64 * 10 * 4}}
+    # 4 layers, batch 32, 64-128-10: forward 32x128 (pair 1's row layer) + 32x10 (pair 2's);
+    # backward 32x128 (pair 2's column input): 8512 elements.
+    s = settings(batch_size=32, input_dim=64, hidden_dim=128, layers=4)
+    assert bench.tp_comm(s) == {"all_reduce": {"count": 3, "bytes": 34048}}
+    assert bench.tp_comm({**s, "dtype": "bf16"})["all_reduce"]["bytes"] == 17024
+
+
+def test_ring_wire_bytes_by_hand():
+    assert bench.ring_wire_bytes(1000, 1) == 0
+    assert bench.ring_wire_bytes(1000, 2) == 1000
+    assert bench.ring_wire_bytes(1000, 4) == 1500
+
+
+def test_pipeline_comm_by_hand():
+    s = settings(batch_size=32, input_dim=64, hidden_dim=128, layers=4, microbatches=4)
+    msg = 32 // 4 * 128 * 4                      # one microbatch's activation: 4096 bytes
+    # 2 ranks, one stage each: each has one neighbour, so 4 messages each way.
+    for rank in (0, 1):
+        assert bench.pipeline_comm(s, rank, 2) == {"send": {"count": 4, "bytes": 4 * msg},
+                                                   "recv": {"count": 4, "bytes": 4 * msg}}
+    # 4 ranks: the middle ones talk to two neighbours.
+    assert [bench.pipeline_comm(s, r, 4)["send"]["count"] for r in range(4)] == [4, 8, 8, 4]
+    # Interleaved, 2 virtual stages: rank 0 holds stages 0 and 2 (neighbours 1; 1 and 3),
+    # rank 1 holds 1 and 3 (neighbours 0 and 2; 2): 3 neighbours, 12 messages each way.
+    s = {**s, "schedule": "interleaved-1f1b", "virtual_stages": 2}
+    for rank in (0, 1):
+        assert bench.pipeline_comm(s, rank, 2)["recv"] == {"count": 12, "bytes": 12 * msg}
+
+
+def test_missing_matplotlib_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
+    assert cli.main(["bench", "step", "--quick", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        ("partlab: error: partlab bench draws its plots with matplotlib, which is not "
+         "installed: pip install matplotlib")]
+
+
+def test_bad_sizes_are_rejected():
+    proc, _ = run([*PARTLAB, "bench", "comm", "--hidden-dims", "512,x"])
+    assert proc.returncode == 2 and "expected integers like 512,1024" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """Every sweep once with --quick: (the output directory, stdout, {sweep: its JSON})."""
+    out = tmp_path_factory.mktemp("bench")
+    proc, _ = run([*PARTLAB, "bench", "all", "--quick", "--out", str(out)], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return out, proc.stdout, {s: json.loads((out / f"{s}.json").read_text())
+                              for s in bench.SWEEPS}
+
+
+@pytest.mark.slow
+def test_every_sweep_writes_json_and_png(quick):
+    out, stdout, results = quick
+    for sweep, result in results.items():
+        assert (out / f"{sweep}.png").read_bytes().startswith(PNG)
+        assert f"wrote {out / sweep}.json" in stdout and f"wrote {out / sweep}.png" in stdout
+        assert result["provenance"]["command"][:4] == ["python", "-m", "partlab", "bench"]
+        assert not result["failed"] and len(result["points"]) == len(result["commands"])
+        assert all(cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+                   and "--check" in cmd for cmd in result["commands"])
+    timelines = results["bubble"]["timelines"]
+    assert len(timelines) == 2 * 4                # a PNG and a trace per schedule, largest m
+    assert all(Path(t).read_bytes().startswith(PNG) for t in timelines if t.endswith(".png"))
+
+
+@pytest.mark.slow
+def test_comm_measured_equals_analytic(quick):
+    rows = quick[2]["comm"]["results"]
+    assert {r["strategy"] for r in rows} == {"native TP", "manual TP fused", "pipeline gpipe"}
+    for r in rows:
+        assert (r["count"], r["bytes"]) == (r["count_analytic"], r["bytes_analytic"]), r
+        assert r["ratio"] == 1.0 and r["count"] > 0, r
+
+
+@pytest.mark.slow
+def test_bubble_theory_is_the_formula(quick):
+    rows = quick[2]["bubble"]["results"]
+    assert {r["schedule"] for r in rows} == {"gpipe", "1f1b", "interleaved-1f1b", "zero-bubble"}
+    for r in rows:
+        p, m = r["nproc"], r["microbatches"]
+        v = 2 if r["schedule"].startswith("interleaved") else 1
+        assert r["theory"] == (None if r["schedule"] == "zero-bubble"
+                               else (p - 1) / (v * m + p - 1)), r
+        # Messages and Python between compute calls only add idle time to the ideal schedule.
+        if r["schedule"] in ("gpipe", "1f1b"):
+            assert 0.9 * r["theory"] <= r["measured"] < 1, r
+
+
+@pytest.mark.slow
+def test_memory_1f1b_keeps_fewer_activations(quick):
+    rows = quick[2]["memory"]["results"]
+    largest = max(rows, key=lambda r: r["microbatches"])
+    assert largest["microbatches"] > largest["nproc"]
+    assert largest["gpipe_activation_mib"][0] > largest["1f1b_activation_mib"][0]
+
+
+@pytest.mark.slow
+def test_step_has_a_point_per_strategy_and_width(quick):
+    result = quick[2]["step"]
+    points = [(r["strategy"], r["hidden_dim"]) for r in result["results"]]
+    names = ["reference"] + [name for name, _, _ in bench.TP]
+    assert sorted(points) == sorted((n, h) for n in names for h in result["sizes"]["hidden_dims"])
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path):
+    # 32 samples do not split into 3 microbatches: both runs fail, each with the driver's line.
+    proc, _ = run([*PARTLAB, "bench", "memory", "--quick", "--microbatches", "3",
+                   "--out", str(tmp_path)], timeout=300)
+    assert proc.returncode == 1
+    result = json.loads((tmp_path / "memory.json").read_text())
+    assert [f["schedule"] for f in result["failed"]] == ["gpipe", "1f1b"]
+    assert all("not divisible by --microbatches 3" in " ".join(f["errors"])
+               for f in result["failed"])
+    assert proc.stdout.count("FAILED") == 2
+
+
+@pytest.mark.slow
+def test_overhead_runs_each_strategy_against_a_bare_loop(quick):
+    result = quick[2]["overhead"]
+    assert [r["strategy"] for r in result["results"]] == [
+        "native TP", "manual TP fused", "pipeline gpipe", "pipeline 1f1b"]
+    for point in result["points"]:
+        record = point["record"]
+        assert len(record["reported_step_s"]) == len(record["bare_step_s"]) == record["rounds"]
+        assert min(record["reported_step_s"] + record["bare_step_s"]) > 0
+        assert record["step_overhead"] == pytest.approx(
+            sorted(record["reported_step_s"])[record["rounds"] // 2]
+            / sorted(record["bare_step_s"])[record["rounds"] // 2] - 1)
