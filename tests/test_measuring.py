@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from partlab import timeline
-from partlab.metrics import ActivationMeter
+from partlab.counters import ActivationMeter
 
 
 def simulated_gpipe(p, m, forward, backward):
