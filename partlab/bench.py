@@ -29,7 +29,6 @@ import tempfile
 from partlab import lab, plots
 from partlab.config import INTERLEAVED, UsageError
 from partlab.model import DTYPES
-from partlab.pipeline import stage_ids, stage_layers
 
 # Sizes per sweep. Defaults take 4-10 s per run on 2 CPU cores; on GPUs pass bigger ones
 # (--hidden-dims 16384 --batch-size 1024). A sweep that needs one width uses the largest of
@@ -136,9 +135,7 @@ class Sweep:
                     record = json.load(f)
         self.commands.append(cmd)
         if proc.returncode:
-            output = proc.stderr + proc.stdout
-            errors = [line for line in output.splitlines()
-                      if line.startswith("partlab:")] or output.splitlines()[-12:]
+            errors = lab.failure_lines(proc)
             self.failed.append({**params, "nproc": nproc, "command": cmd, "errors": errors})
             print(f"  {label:<52} FAILED (exit {proc.returncode}, {seconds:.1f} s): "
                   + "\n    ".join(errors), flush=True)
@@ -282,6 +279,10 @@ def pipeline_comm(s, rank, ranks):
     (that activation's gradient): (B/m) x width(boundary) elements each way. So for each stage
     the rank holds, it sends m messages to each neighbour stage and receives m from each.
     """
+    # Imported here: the `partlab` command imports this module for its sweep names, and
+    # `partlab env` must run (and report) when torch lacks pipelining.
+    from partlab.pipeline import stage_ids, stage_layers
+
     m, v, dims = s["microbatches"], s["virtual_stages"] or 1, widths(s)
     total = ranks * v
     elements = [s["batch_size"] // m * dims[stage_layers(s["layers"], max(a, b), total)[0]]

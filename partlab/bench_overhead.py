@@ -27,9 +27,9 @@ DRIVERS = {"native": "tensor_parallel_native", "manual": "tensor_parallel_manual
 def bare_loop(settings, device, step):
     """The same steps with nothing around them: no per-step sync, timing or loss read-back.
     Returns the seconds per step over the steps the driver's summary uses (timed_steps)."""
-    steps = list(range(settings.steps))
-    timed = metrics.timed_steps(steps)
-    for i in steps[:steps.index(timed[0])]:
+    timed = metrics.timed_steps(range(settings.steps))     # a range: the steps in the middle
+    untimed_before, untimed_after = range(timed[0]), range(timed[-1] + 1, settings.steps)
+    for i in untimed_before:
         step(*mlp.make_batch(settings, i, device))
     metrics.synchronize(device)
     start = time.perf_counter()
@@ -37,7 +37,7 @@ def bare_loop(settings, device, step):
         step(*mlp.make_batch(settings, i, device))
     metrics.synchronize(device)
     seconds = (time.perf_counter() - start) / len(timed)
-    for i in steps[steps.index(timed[-1]) + 1:]:
+    for i in untimed_after:
         step(*mlp.make_batch(settings, i, device))
     return seconds
 

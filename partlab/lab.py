@@ -86,6 +86,13 @@ def provenance(nproc, runs_on):
     }
 
 
+def failure_lines(proc):
+    """What a failed driver run said: its `partlab:` lines, else the last 12 lines of output."""
+    output = proc.stderr + proc.stdout
+    return [line for line in output.splitlines()
+            if line.startswith("partlab:")] or output.splitlines()[-12:]
+
+
 def run_strategy(module, nproc, flags, json_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc_per_node", str(nproc), "-m", module, *flags, "--json", json_path, "--check"]
@@ -148,10 +155,8 @@ def main(args, driver_flags):
                 print(f"  {name:<30} ok ({seconds:.1f} s)", flush=True)
             else:
                 failed.append(name)
-                err = [line for line in (proc.stderr + proc.stdout).splitlines()
-                       if line.startswith("partlab:")] or (proc.stderr or proc.stdout).splitlines()
                 print(f"  {name:<30} FAILED (exit {proc.returncode}, {seconds:.1f} s): "
-                      + "\n    ".join(err[-12:]), flush=True)
+                      + "\n    ".join(failure_lines(proc)[-12:]), flush=True)
     if records:
         print()
         print(table(records))

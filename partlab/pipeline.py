@@ -28,7 +28,7 @@ import torch
 from partlab import distributed, metrics, missing_torch_feature
 from partlab import model as mlp
 from partlab.config import INTERLEAVED, add_pipeline_flags, make_parser, require
-from partlab.timeline import Timeline
+from partlab.timeline import Timeline, theory
 
 try:
     from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
@@ -78,7 +78,7 @@ def validate_schedule(settings, ranks, local_rank, unit=1, processes_per_rank=1)
             "--timeline draws with matplotlib, which is not installed: pip install matplotlib")
     if m < p and local_rank == 0:
         print(f"partlab: warning: --microbatches {m} < {p} stages: each stage idles for "
-              f"{(p - 1) / (v * m + p - 1):.0%} of a step (the bubble, (p-1)/(v*m+p-1)); "
+              f"{theory(p, m, v):.0%} of a step (the bubble, (p-1)/(v*m+p-1)); "
               f"use --microbatches {p} or more", file=sys.stderr, flush=True)
 
 
@@ -91,7 +91,8 @@ def build_pipeline(settings, group, rank, ranks, process_group=None, unit=1, sha
 
     rank, ranks: place in the pipeline (process_group: its processes, default all);
     shard(module) -> module, applied to each stage (the 2-D mode's tensor parallelism).
-    Returns (step, {name: parameter}, timeline).
+    Returns (step, {name: parameter}, timeline, layout): layout is the record's
+    pipeline_ranks and every stage's layers.
     """
     total = ranks * settings.virtual_stages
     modules, stages = [], []
@@ -116,19 +117,18 @@ def build_pipeline(settings, group, rank, ranks, process_group=None, unit=1, sha
         opt.step()
         return torch.stack(losses).mean() if last else None
 
-    return step, params, Timeline(stages)
+    layout = {"pipeline_ranks": ranks,
+              "stage_layers": [list(stage_layers(settings.layers, s, total, unit))
+                               for s in range(total)]}
+    return step, params, Timeline(stages), layout
 
 
 def build(settings, group):
     p = group.world_size
-    step, params, timeline = build_pipeline(settings, group, group.rank, p)
-    total = p * settings.virtual_stages
+    step, params, timeline, layout = build_pipeline(settings, group, group.rank, p)
     return metrics.Strategy(
         f"pipeline_{settings.schedule}", step, params, lambda name, full: full,
-        loss_rank=p - 1, timeline=timeline,           # the last stage is on the last rank
-        extra={"pipeline_ranks": p,
-               "stage_layers": [list(stage_layers(settings.layers, s, total))
-                                for s in range(total)]})
+        loss_rank=p - 1, timeline=timeline, extra=layout)  # the last stage is on the last rank
 
 
 def parser():

@@ -17,13 +17,12 @@ import sys
 
 from partlab import distributed, metrics, missing_torch_feature
 from partlab.config import add_pipeline_flags, make_parser, require
-from partlab.pipeline import build_pipeline, stage_layers, validate_schedule
+from partlab.pipeline import build_pipeline, validate_schedule
 from partlab.tensor_parallel_manual import validate_sharding
-from partlab.tensor_parallel_native import plan
+from partlab.tensor_parallel_native import local_shards, plan
 
 try:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import distribute_tensor
     from torch.distributed.tensor.parallel import parallelize_module
 except ImportError as e:
     raise SystemExit(missing_torch_feature("torch.distributed.tensor.parallel", e)) from None
@@ -46,23 +45,14 @@ def build(settings, group):
     pp = group.world_size // tp
     mesh = init_device_mesh(group.device.type, (pp, tp), mesh_dim_names=("pp", "tp"))
     tp_mesh = mesh["tp"]
-    step, params, timeline = build_pipeline(
+    step, params, timeline, layout = build_pipeline(
         settings, group, group.rank // tp, pp, process_group=mesh["pp"].get_group(), unit=2,
         shard=lambda stage: parallelize_module(stage, tp_mesh, plan(stage)))
 
-    def reference_slice(name, full):
-        # src_data_rank=None: slice locally, no collective (as in tensor_parallel_native.py)
-        return distribute_tensor(full, tp_mesh, params[name].placements,
-                                 src_data_rank=None).to_local()
-
-    total = pp * settings.virtual_stages
     return metrics.Strategy(
-        f"pipeline_tensor_parallel_{settings.schedule}", step,
-        {n: p.to_local() for n, p in params.items()}, reference_slice,
+        f"pipeline_tensor_parallel_{settings.schedule}", step, *local_shards(params, tp_mesh),
         loss_rank=(pp - 1) * tp, timeline=timeline,   # the last stage's first tp rank
-        extra={"pipeline_ranks": pp, "tp": tp,
-               "stage_layers": [list(stage_layers(settings.layers, s, total, unit=2))
-                                for s in range(total)]})
+        extra={**layout, "tp": tp})
 
 
 def parser():

@@ -48,15 +48,18 @@ def build(settings, group):
         opt.step()
         return loss.detach()
 
-    params = dict(model.named_parameters())
+    return metrics.Strategy("tensor_parallel_native", step,
+                            *local_shards(dict(model.named_parameters()), mesh))
 
+
+def local_shards(params, mesh):
+    """DTensor parameters -> ({name: this rank's shard}, reference_slice(name, full)): the
+    reference sharded with each parameter's own placements. src_data_rank=None slices locally
+    instead of scattering from rank 0, so this is no collective."""
     def reference_slice(name, full):
-        # Shard the reference with the parameter's own placements; src_data_rank=None slices
-        # locally instead of scattering from rank 0, so this is no collective.
         return distribute_tensor(full, mesh, params[name].placements, src_data_rank=None).to_local()
 
-    return metrics.Strategy("tensor_parallel_native", step,
-                            {n: p.to_local() for n, p in params.items()}, reference_slice)
+    return {n: p.to_local() for n, p in params.items()}, reference_slice
 
 
 def parser():

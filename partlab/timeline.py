@@ -89,10 +89,10 @@ def chrome_trace(events, path):
 def gantt(events, step, ranks, path, title):
     """One step as a Gantt chart: a row per rank, a bar per compute call, labelled with its
     microbatch (and its stage when a rank holds several)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
     from matplotlib.patches import Patch
+
+    from partlab.plots import pyplot
+    plt = pyplot()
 
     mine = [e for e in events if e[1] == step]
     t0 = min(e[5] for e in mine)
