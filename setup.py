@@ -4,13 +4,36 @@ Install torch first, then `pip install --no-build-isolation -e .` so the extensi
 against the torch that will import it. PARTLAB_BUILD picks the flavour:
   auto (default)  CUDAExtension when this torch has CUDA and nvcc is found, else CppExtension
   cpu             CppExtension only (CPU kernels), even on a CUDA machine
-  cuda            CUDAExtension, failing loudly when torch or the toolkit lacks CUDA
+  cuda            CUDAExtension, failing in one line when torch, nvcc or cuBLASLt is missing
+The C++ standard is left to torch's BuildExtension, which picks the one its headers need
+(C++17 up to torch 2.5, C++20 since; torch 2.14's ATen refuses anything older than C++20).
 """
 import glob
 import os
+import re
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
 
 from setuptools import setup
 
+
+def _use_real_toolkit():
+    """An `nvcc` on PATH may be a wrapper script outside its toolkit (torch then guesses
+    CUDA_HOME=/usr/local, which has no CUDA headers): point CUDA_HOME at the toolkit instead."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or (Path(nvcc).resolve().parents[1] / "include/cuda_runtime.h").exists():
+        return
+    for home in (Path("/usr/local/cuda"), *sorted(Path("/usr/local").glob("cuda-*"))):
+        if (home / "bin/nvcc").exists() and (home / "include/cuda_runtime.h").exists():
+            os.environ["CUDA_HOME"] = str(home)
+            return
+
+
+_use_real_toolkit()
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -25,6 +48,51 @@ except ImportError as e:  # pragma: no cover - only hit on a machine without tor
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
 
+def fail(message):
+    raise SystemExit(f"partlab: error: {message}")
+
+
+def nvcc_major():
+    """The CUDA major version of the toolkit torch will compile with."""
+    out = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"],
+                         capture_output=True, text=True).stdout
+    found = re.search(r"release (\d+)\.", out)
+    return int(found.group(1)) if found else None
+
+
+def cublaslt_dirs():
+    """(include dir, lib dir, library file) of cuBLASLt: the toolkit's, else the one in torch's
+    pip-installed NVIDIA packages (nvidia/cu13 for CUDA 13 wheels, nvidia/cublas for CUDA 12),
+    which ships only the versioned libcublasLt.so.N."""
+    major = torch.version.cuda.split(".")[0]
+    site = Path(sysconfig.get_paths()["purelib"])
+    candidates = [(Path(CUDA_HOME) / "include", Path(CUDA_HOME) / sub) for sub in ("lib64", "lib")]
+    candidates += [(site / "nvidia" / pkg / "include", site / "nvidia" / pkg / "lib")
+                   for pkg in (f"cu{major}", "cublas")]
+    for include, lib in candidates:
+        if not (include / "cublasLt.h").exists():
+            continue
+        for name in ("libcublasLt.so", f"libcublasLt.so.{major}"):
+            if (lib / name).exists():
+                return str(include), str(lib), name
+    searched = ", ".join(sorted({str(inc) for inc, _ in candidates}))
+    fail(f"cublasLt.h and libcublasLt.so.{major} not found (looked in {searched}): install the "
+         f"CUDA toolkit's cuBLAS or `pip install nvidia-cublas`, or build with PARTLAB_BUILD=cpu")
+
+
+def cuda_extension(sources, cxx):
+    if nvcc_major() is not None and str(nvcc_major()) != torch.version.cuda.split(".")[0]:
+        fail(f"nvcc in {CUDA_HOME} is CUDA {nvcc_major()} but torch {torch.__version__} was "
+             f"built with CUDA {torch.version.cuda}: use a CUDA {torch.version.cuda.split('.')[0]}"
+             f".x toolkit (export CUDA_HOME) or a torch built for CUDA {nvcc_major()}")
+    include, lib, name = cublaslt_dirs()
+    return CUDAExtension(
+        "partlab._C", sources,
+        include_dirs=[include], library_dirs=[lib], libraries=[f":{name}"],
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        py_limited_api=True)
+
+
 def extension_modules():
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
@@ -32,33 +100,19 @@ def extension_modules():
         return []
     mode = os.environ.get("PARTLAB_BUILD", "auto")
     if mode not in ("auto", "cpu", "cuda"):
-        raise SystemExit(f"partlab: PARTLAB_BUILD={mode!r}: use auto, cpu or cuda")
-    torch_has_cuda = torch.version.cuda is not None and CUDA_HOME is not None
-    if mode == "cuda" and not torch_has_cuda:
-        raise SystemExit(
-            "partlab: PARTLAB_BUILD=cuda but this torch has no CUDA or nvcc was not found "
-            f"(torch {torch.__version__}, CUDA_HOME={CUDA_HOME}); use PARTLAB_BUILD=cpu"
-        )
+        fail(f"PARTLAB_BUILD={mode!r}: use auto, cpu or cuda")
+    if mode == "cuda" and torch.version.cuda is None:
+        fail(f"PARTLAB_BUILD=cuda but torch {torch.__version__} has no CUDA: install a CUDA "
+             "build of torch, or use PARTLAB_BUILD=cpu")
+    if mode == "cuda" and CUDA_HOME is None:
+        fail("PARTLAB_BUILD=cuda but no CUDA toolkit was found (no nvcc on PATH, no CUDA_HOME): "
+             "install one or export CUDA_HOME, or use PARTLAB_BUILD=cpu")
     # The module only registers ops (TORCH_LIBRARY), so it needs just the stable Python ABI.
-    limited = ["-DPy_LIMITED_API=0x030A0000"]
-    cxx = ["-O3", "-std=c++17"] + limited
-    if mode == "cuda" or (mode == "auto" and torch_has_cuda):
-        return [
-            CUDAExtension(
-                "partlab._C",
-                cpp_sources + cuda_sources,
-                extra_compile_args={
-                    "cxx": cxx + ["-DPARTLAB_WITH_CUDA"],
-                    "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"] + limited,
-                },
-                libraries=["cublasLt"],
-                py_limited_api=True,
-            )
-        ]
-    return [
-        CppExtension("partlab._C", cpp_sources, extra_compile_args={"cxx": cxx},
-                     py_limited_api=True)
-    ]
+    cxx = ["-O3", "-DPy_LIMITED_API=0x030A0000"]
+    if mode == "cuda" or (mode == "auto" and torch.version.cuda and CUDA_HOME):
+        return [cuda_extension(cpp_sources + cuda_sources, cxx)]
+    return [CppExtension("partlab._C", cpp_sources, extra_compile_args={"cxx": cxx},
+                         py_limited_api=True)]
 
 
 setup(

@@ -10,6 +10,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cublasLt.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <mutex>
@@ -17,13 +18,14 @@
 namespace partlab {
 namespace {
 
-constexpr size_t kWorkspaceBytes = 8u << 20;  // 8 MiB, from the caching allocator per call
+constexpr int kMaxDevices = 64;
 
 cublasLtHandle_t lt_handle(int device) {
   // One handle per device, created on first use and kept for the life of the process.
   static std::mutex mu;
-  static cublasLtHandle_t handles[64] = {};
-  TORCH_CHECK(device >= 0 && device < 64, "partlab: device index ", device, " out of range");
+  static cublasLtHandle_t handles[kMaxDevices] = {};
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "partlab: device index ", device,
+              " out of range");
   std::lock_guard<std::mutex> lock(mu);
   if (handles[device] == nullptr) {
     TORCH_CHECK(cublasLtCreate(&handles[device]) == CUBLAS_STATUS_SUCCESS,
@@ -32,8 +34,20 @@ cublasLtHandle_t lt_handle(int device) {
   return handles[device];
 }
 
-bool aligned16(const at::Tensor& t) {
-  return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
+// Hopper (and newer) kernels want a 32 MiB workspace; 4 MiB is plenty before (PyTorch's sizes).
+size_t workspace_bytes(int device) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 9 ? (32u << 20) : (4u << 20);
+}
+
+// The largest power of two (up to 256) dividing the address: what cuBLASLt may assume. Its
+// default is 256, while a row view such as a pipeline microbatch guarantees far less.
+uint32_t alignment(const void* ptr) {
+  const auto address = reinterpret_cast<std::uintptr_t>(ptr);
+  uint32_t bytes = 1;
+  while (bytes < 256 && address % (2 * bytes) == 0) bytes *= 2;
+  return bytes;
 }
 
 cudaDataType_t lt_dtype(at::ScalarType t) {
@@ -58,57 +72,60 @@ struct Desc {
   }
 };
 
-#define LT_OK(expr)                                              \
-  do {                                                           \
-    if ((expr) != CUBLAS_STATUS_SUCCESS) return false;           \
+// Evaluate a cuBLASLt call; on failure return its status as the refusal reason.
+#define LT_OK(expr)                                                                 \
+  do {                                                                              \
+    const cublasStatus_t status_ = (expr);                                          \
+    if (status_ != CUBLAS_STATUS_SUCCESS) {                                         \
+      return std::string("a cuBLASLt call (cublaslt_epilogue.cu:") +                \
+             std::to_string(__LINE__) + ") returned " + cublasLtGetStatusString(status_); \
+    }                                                                               \
   } while (0)
+
+cublasLtEpilogue_t epilogue_for(Activation act, bool has_bias, bool with_aux) {
+  switch (act) {
+    case Activation::Relu:
+      return has_bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
+    case Activation::Gelu:
+      if (with_aux) return has_bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+      return has_bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
+    case Activation::None:
+      break;
+  }
+  return has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+}
 
 }  // namespace
 
-bool cublaslt_supported(const at::Tensor& x, const at::Tensor& weight,
-                        const c10::optional<at::Tensor>& bias, const at::Tensor& out,
-                        const at::Tensor& aux, Activation act) {
+std::string cublaslt_ineligible(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
+                                const at::Tensor& aux, Activation act) {
   const auto t = x.scalar_type();
-  if (t != at::kFloat && t != at::kHalf && t != at::kBFloat16) return false;
-  if (x.numel() == 0 || out.numel() == 0) return false;
-  const int64_t esize = x.element_size();
-  const int64_t K = x.size(1), N = weight.size(0);
-  if ((K * esize) % 16 != 0 || (N * esize) % 16 != 0) return false;  // leading dims
-  if (!aligned16(x) || !aligned16(weight) || !aligned16(out)) return false;
-  if (bias.has_value() && !aligned16(*bias)) return false;  // e.g. a TP shard at an odd offset
-  if (act == Activation::Gelu && aux.numel() > 0 && (!aligned16(aux) || N % 8 != 0)) {
-    return false;  // aux pointer / leading dimension
+  if (t != at::kFloat && t != at::kHalf && t != at::kBFloat16) {
+    return std::string("no cuBLASLt epilogue for ") + c10::toString(t);
   }
-  return true;
+  if (x.size(1) == 0) return "in_features is 0: nothing to multiply";
+  if (bias.has_value() && alignment(bias->data_ptr()) < 16) {
+    return "the bias is not 16-byte aligned (a slice at an offset)";
+  }
+  if (act == Activation::Gelu && aux.numel() > 0 &&
+      (alignment(aux.data_ptr()) < 16 || aux.size(1) % 8 != 0)) {
+    return "GELU's saved pre-activation needs 16-byte alignment and out_features % 8 == 0";
+  }
+  return "";
 }
 
-bool cublaslt_fused_linear(const at::Tensor& x, const at::Tensor& weight,
-                           const c10::optional<at::Tensor>& bias, at::Tensor& out,
-                           at::Tensor& aux, Activation act) {
+std::string cublaslt_fused_linear(const at::Tensor& x, const at::Tensor& weight,
+                                  const c10::optional<at::Tensor>& bias, at::Tensor& out,
+                                  at::Tensor& aux, Activation act) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const cudaDataType_t dt = lt_dtype(x.scalar_type());
   const bool fp32 = x.scalar_type() == at::kFloat;
   const cublasComputeType_t compute =
       fp32 && at::globalContext().allowTF32CuBLAS() ? CUBLAS_COMPUTE_32F_FAST_TF32
                                                     : CUBLAS_COMPUTE_32F;
-  cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
   const bool has_bias = bias.has_value();
   const bool with_aux = act == Activation::Gelu && aux.numel() > 0;
-  switch (act) {
-    case Activation::Relu:
-      epilogue = has_bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
-      break;
-    case Activation::Gelu:
-      if (with_aux) {
-        epilogue = has_bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
-      } else {
-        epilogue = has_bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
-      }
-      break;
-    case Activation::None:
-      epilogue = has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
-      break;
-  }
+  const cublasLtEpilogue_t epilogue = epilogue_for(act, has_bias, with_aux);
 
   Desc desc;
   LT_OK(cublasLtMatmulDescCreate(&desc.op, compute, CUDA_R_32F));
@@ -139,17 +156,31 @@ bool cublaslt_fused_linear(const at::Tensor& x, const at::Tensor& weight,
   LT_OK(cublasLtMatrixLayoutCreate(&desc.b, dt, K, M, K));
   LT_OK(cublasLtMatrixLayoutCreate(&desc.d, dt, N, M, N));
 
-  const size_t ws_bytes = kWorkspaceBytes;
+  const int device = x.get_device();
+  const size_t ws_bytes = workspace_bytes(device);
+  const uint32_t align_a = alignment(weight.data_ptr()), align_b = alignment(x.data_ptr()),
+                 align_d = alignment(out.data_ptr());
   LT_OK(cublasLtMatmulPreferenceCreate(&desc.pref));
   LT_OK(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                              &ws_bytes, sizeof(ws_bytes)));
-  const int device = x.get_device();
+  LT_OK(cublasLtMatmulPreferenceSetAttribute(
+      desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
+  LT_OK(cublasLtMatmulPreferenceSetAttribute(
+      desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
+  LT_OK(cublasLtMatmulPreferenceSetAttribute(
+      desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
+  LT_OK(cublasLtMatmulPreferenceSetAttribute(
+      desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
   cublasLtHandle_t handle = lt_handle(device);
   cublasLtMatmulHeuristicResult_t heuristic = {};
   int found = 0;
   LT_OK(cublasLtMatmulAlgoGetHeuristic(handle, desc.op, desc.a, desc.b, desc.d, desc.d,
                                        desc.pref, 1, &heuristic, &found));
-  if (found == 0) return false;
+  if (found == 0) {
+    return "cuBLASLt has no algorithm for this epilogue at these alignments (x " +
+           std::to_string(align_b) + ", weight " + std::to_string(align_a) + ", out " +
+           std::to_string(align_d) + " bytes)";
+  }
 
   at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
   const float alpha = 1.0f, beta = 0.0f;
@@ -157,7 +188,7 @@ bool cublaslt_fused_linear(const at::Tensor& x, const at::Tensor& weight,
   LT_OK(cublasLtMatmul(handle, desc.op, &alpha, weight.data_ptr(), desc.a, x.data_ptr(), desc.b,
                        &beta, out.data_ptr(), desc.d, out.data_ptr(), desc.d, &heuristic.algo,
                        workspace.data_ptr(), ws_bytes, stream));
-  return true;
+  return "";
 }
 
 }  // namespace partlab

@@ -19,6 +19,11 @@ namespace partlab {
 
 enum class Activation { None, Relu, Gelu };
 
+// Which CUDA forward ran: the cuBLASLt epilogue, or a GEMM then bias_act_kernel (ops.cpp counts
+// them for partlab.ops.forward_paths; the reason is why the epilogue was not used).
+enum class ForwardPath { CublasLt = 0, Fallback = 1 };
+void record_forward_path(ForwardPath path, const std::string& reason);
+
 inline Activation parse_activation(c10::string_view name) {
   if (name == "relu") return Activation::Relu;
   if (name == "gelu") return Activation::Gelu;

@@ -1,9 +1,10 @@
 // CUDA kernels for partlab::fused_linear and partlab::fused_linear_backward.
 //
 // Forward: cuBLASLt with a bias+activation epilogue when the tensors allow it (see
-// cublaslt_epilogue.cu); otherwise (an unaligned TP bias shard, float64, odd leading dims, no
-// algorithm found) a plain GEMM into the output followed by bias_act_kernel: one pass that adds
-// the bias, keeps GELU's pre-activation and applies the activation in place.
+// cublaslt_epilogue.cu); otherwise (a bias slice at an unaligned offset, float64, no algorithm
+// found) a plain GEMM into the output followed by bias_act_kernel: one pass that adds the bias,
+// keeps GELU's pre-activation and applies the activation in place. Each forward records its
+// path (partlab.ops.forward_paths); a refusal by cuBLASLt itself also warns, once.
 // Backward: the epilogues cannot help (DRELU/DGELU_BGRAD apply to a matmul's output, but our
 // activation gradient comes straight from grad_out), so act_grad_bias_kernel computes
 // grad_pre = grad_out * act'(saved) and the bias-gradient column sums in one pass; the two
@@ -20,6 +21,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -118,6 +121,13 @@ __global__ void act_grad_bias_kernel(const scalar_t* __restrict__ grad_out,
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// PARTLAB_REQUIRE_CUBLASLT=1 turns every fallback into an error (tests and benchmarks that must
+// time the epilogue path). Read on each call, so a test can set it for one block.
+bool require_cublaslt() {
+  const char* value = std::getenv("PARTLAB_REQUIRE_CUBLASLT");
+  return value != nullptr && std::string(value) == "1";
+}
+
 std::tuple<at::Tensor, at::Tensor> fused_linear_cuda(const at::Tensor& x,
                                                      const at::Tensor& weight,
                                                      const c10::optional<at::Tensor>& bias,
@@ -132,10 +142,19 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_cuda(const at::Tensor& x,
   at::Tensor saved = keep_pre ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
   if (out.numel() == 0) return {out, saved};
 
-  if (cublaslt_supported(x, weight, bias, out, saved, act) &&
-      cublaslt_fused_linear(x, weight, bias, out, saved, act)) {
-    return {out, saved};
+  std::string reason = cublaslt_ineligible(x, bias, saved, act);
+  if (reason.empty()) {
+    reason = cublaslt_fused_linear(x, weight, bias, out, saved, act);
+    if (reason.empty()) {
+      record_forward_path(ForwardPath::CublasLt, "");
+      return {out, saved};
+    }
+    TORCH_WARN_ONCE("partlab::fused_linear: cuBLASLt refused the epilogue (", reason,
+                    "); using a GEMM and the hand-written epilogue kernel instead");
   }
+  record_forward_path(ForwardPath::Fallback, reason);
+  TORCH_CHECK(!require_cublaslt(), "partlab::fused_linear: PARTLAB_REQUIRE_CUBLASLT=1 but the "
+              "cuBLASLt epilogue was not used: ", reason);
   // Fallback: GEMM (cuBLAS via ATen, current stream) into pre, then one epilogue pass.
   at::Tensor pre = keep_pre ? saved : out;
   at::mm_out(pre, x, weight.t());

@@ -2,8 +2,9 @@
 
 Runs at the end of `docker build` (no GPU there), in the Apptainer %test, and by hand:
     python /opt/partlab/selftest.py
-CPU is always checked; CUDA too when torch sees a GPU (and then must pass: an image whose CUDA
-kernels are missing or broken fails here, not in the middle of a lab run).
+CPU is always checked; with a CUDA build of torch both ops must have CUDA kernels registered
+(an image built without them fails here, GPU or not), and with a GPU the CUDA kernels must pass
+too: an image whose CUDA kernels are missing or broken fails here, not in the middle of a lab run.
 """
 import sys
 
@@ -34,6 +35,10 @@ def main():
         from partlab import ops
     except ImportError as e:
         print(f"selftest: partlab._C imports; partlab.ops does not ({e}): op check skipped")
+        return 1
+    if torch.version.cuda is not None and not ops.extension_info()["cuda"]:
+        print(f"selftest: torch {torch.__version__} has CUDA but partlab._C has no CUDA kernels "
+              "(built with PARTLAB_BUILD=cpu?)")
         return 1
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:

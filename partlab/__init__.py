@@ -7,6 +7,10 @@ __version__ = "0.1.0"
 MIN_TORCH = (2, 6)
 # The torch that scripts/_setup.sh installs for local runs (the one version pinned for them).
 PINNED_TORCH = "2.13.0"
+# The CUDA build of torch that scripts/cuda_build_check.sh builds the real CUDAExtension against
+# on machines without a GPU (CI): the newest torch the registry serves, 2.14.1+cu130 (CUDA 13.0,
+# the major of the nvcc there), whose headers need C++20. (2.13.0 from the registry is CPU-only.)
+PINNED_CUDA_TORCH = "2.14.1"
 
 
 def _check_torch():

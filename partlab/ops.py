@@ -2,12 +2,12 @@
 
     y = act(x @ weight^T + bias)     act in {"relu", "gelu" (tanh approximation), "none"}
 
-`fused_linear` runs the C++/CUDA op `torch.ops.partlab.fused_linear`; this module registers its
-fake (shape) kernel for torch.compile and its autograd formula, whose backward is the op
-`torch.ops.partlab.fused_linear_backward` reusing what the forward saved (the output as ReLU's
-mask, the pre-activation for GELU) instead of recomputing the GEMM. `reference_fused_linear` is
-the same maths in plain PyTorch. Importing this module never fails: without a built extension,
-`fused_linear` raises an error that names the build command.
+`fused_linear` runs the C++/CUDA op `torch.ops.partlab.fused_linear`, whose autograd is C++
+(csrc/fused_linear_autograd.cpp: the backward is the op `torch.ops.partlab.fused_linear_backward`,
+reusing what the forward saved instead of recomputing the GEMM); this module registers the fake
+(shape) kernels for torch.compile. `reference_fused_linear` is the same maths in plain PyTorch.
+Importing this module never fails: without a built extension, `fused_linear` raises an error
+that names the build command.
 """
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,14 @@ def extension_available():
     return extension_info()["built"]
 
 
+def forward_paths(reset=False):
+    """How the CUDA forwards ran since the last reset: {'cublaslt': n, 'fallback': n,
+    'last_fallback_reason': str} (the cuBLASLt epilogue, or a GEMM + the hand-written kernel)."""
+    _require_extension()
+    cublaslt, fallback, reason = torch.ops.partlab.forward_paths(reset)
+    return {"cublaslt": cublaslt, "fallback": fallback, "last_fallback_reason": reason}
+
+
 def _require_extension():
     if _LOAD_ERROR is not None:
         raise RuntimeError(f"partlab._C is not built ({_LOAD_ERROR}); {BUILD_HINT}")
@@ -64,7 +72,8 @@ def fused_linear(x, weight, bias=None, activation="relu"):
 
     x: [..., in_features]; weight: [out_features, in_features]; bias: [out_features] or None.
     Leading dims of x are flattened for the op and restored on the output. Inputs that are not
-    contiguous (a transposed weight, a strided x) are copied to contiguous first.
+    contiguous (a transposed weight, a strided x) are copied to contiguous first. Under autocast
+    the inputs are cast to the autocast dtype first, as F.linear's are.
     """
     _require_extension()
     _check_activation(activation)
@@ -80,6 +89,10 @@ def fused_linear(x, weight, bias=None, activation="relu"):
     if k != weight.shape[1]:
         raise ValueError(f"fused_linear: x has {k} input features but weight "
                          f"{tuple(weight.shape)} expects {weight.shape[1]}")
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     # .contiguous() returns the tensor itself when it already is.
     x2 = (x if x.dim() == 2 else x.reshape(-1, k)).contiguous()
     weight = weight.contiguous()
@@ -128,26 +141,3 @@ if _LOAD_ERROR is None:
         gw = weight.new_empty(weight.shape) if output_mask[1] else x.new_empty((0,))
         gb = x.new_empty((weight.shape[0],)) if output_mask[2] else x.new_empty((0,))
         return gx, gw, gb
-
-    def _setup_context(ctx, inputs, output):
-        x, weight, bias, activation = inputs[:4]
-        out, pre = output
-        # ReLU: out > 0 exactly where pre > 0, so the output doubles as the mask (no extra
-        # tensor). GELU: its derivative needs the pre-activation, which the forward kept.
-        ctx.save_for_backward(x, weight, pre if activation == "gelu" else out)
-        ctx.activation = activation
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(pre)
-
-    def _backward(ctx, grad_out, _grad_saved):
-        x, weight, saved = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        mask = [need_x, need_w, need_b and ctx.has_bias]
-        gx, gw, gb = _FUSED_LINEAR_BACKWARD(
-            grad_out.contiguous(), x, weight, saved, ctx.activation, mask)
-        return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
-                None, None)
-
-    _FUSED_LINEAR_BACKWARD = torch.ops.partlab.fused_linear_backward.default
-    torch.library.register_autograd("partlab::fused_linear", _backward,
-                                    setup_context=_setup_context)

@@ -8,10 +8,12 @@ Tolerances:
            op and the reference may round the pre-activation and output at different points and
            sum in different orders, so allow 2 such roundings: rtol 1.6e-2, atol 1.6e-2
            (outputs are O(1) because weights are scaled by 1/sqrt(K)).
+  float16  11 mantissa bits: 2^-11 = 4.9e-4 per rounding; the same 2 roundings: rtol/atol 2e-3.
+           (Both half types accumulate the GEMMs in fp32 on either path.)
+CUDA float32 runs with TF32 off (in the op and in the reference alike), so it is true fp32.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +34,7 @@ cuda = pytest.mark.cuda
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12),
-       torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+       torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 
 def make(m, k, n, dtype=torch.float32, device="cpu", bias=True, seed=0):
@@ -200,6 +202,26 @@ def test_bad_inputs_raise_clearly(call, exc, match):
         call(x, w, b)
 
 
+def test_autocast_casts_like_linear():
+    # Under autocast F.linear runs in the autocast dtype; the fused op must do the same (and its
+    # gradients must reach the fp32 parameters in fp32), not fail on mixed dtypes.
+    x, w, b = make(16, 32, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused_linear(x, w, b, "gelu")
+        r = reference_fused_linear(x.detach(), w.detach(), b.detach(), "gelu")
+    assert y.dtype == r.dtype == torch.bfloat16
+    torch.testing.assert_close(y, r, **TOL[torch.bfloat16])
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+
+
+def test_cpu_forwards_leave_the_cuda_path_counts_alone():
+    before = ops.forward_paths()
+    fused_linear(*make(4, 8, 8), "relu")
+    assert ops.forward_paths() == before
+    assert set(before) == {"cublaslt", "fallback", "last_fallback_reason"}
+
+
 def test_extension_info_and_missing_extension_message():
     info = ops.extension_info()
     assert info == {"built": True, "cuda": info["cuda"], "error": None}
@@ -215,6 +237,36 @@ def test_extension_info_and_missing_extension_message():
     assert "pip install --no-build-isolation -e ." in out.stdout
 
 
+def _setup_py(env):
+    """setup.py's extension choice only (`--name` builds nothing): (exit code, stderr)."""
+    proc = subprocess.run([sys.executable, "setup.py", "--name"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, env={**os.environ, **env})
+    return proc.returncode, proc.stderr.strip()
+
+
+BAD_BUILDS = [({"PARTLAB_BUILD": "gpu"}, "PARTLAB_BUILD='gpu': use auto, cpu or cuda")] + (
+    [({"PARTLAB_BUILD": "cuda"}, "PARTLAB_BUILD=cuda but torch")] if torch.version.cuda is None
+    else [])
+
+
+@pytest.mark.parametrize("env,message", BAD_BUILDS)
+def test_setup_refuses_a_build_it_cannot_make_in_one_line(env, message):
+    code, err = _setup_py(env)
+    assert code == 1 and err.startswith("partlab: error: ") and message in err, err
+    assert len(err.splitlines()) == 1, err
+
+
+@pytest.mark.skipif(torch.version.cuda is None,
+                    reason="needs a CUDA build of torch (scripts/cuda_build_check.sh has one)")
+def test_setup_refuses_an_nvcc_of_another_cuda_major(tmp_path):
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 11.8, V11.8.89'\n")
+    nvcc.chmod(0o755)
+    code, err = _setup_py({"PARTLAB_BUILD": "cuda", "CUDA_HOME": str(tmp_path)})
+    assert code == 1 and "is CUDA 11 but torch" in err and len(err.splitlines()) == 1, err
+
+
 def test_bench_op_quick_smoke(tmp_path):
     from partlab import bench_op
     path = tmp_path / "bench.json"
@@ -228,80 +280,136 @@ def test_bench_op_quick_smoke(tmp_path):
     assert all(r["median_s"] > 0 for r in result["rows"])
 
 
-NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if os.path.exists("/usr/local/bin/nvcc")
-                                 else None)
-# CI (CI=true) has nvcc and must compile-check the .cu files; a user's machine without a CUDA
-# toolkit skips these two tests and says so.
-needs_nvcc = pytest.mark.skipif(
-    NVCC is None and not os.environ.get("CI"),
-    reason="nvcc not found: csrc/*.cu were NOT compile-checked (CI fails instead)")
+
+# ---- CUDA: the same checks on a GPU, and what only a GPU can get wrong ----
+# Each test asserts which forward path ran (partlab.ops.forward_paths): the cuBLASLt epilogue
+# where the tensors allow it, the GEMM + hand-written kernel where they do not.
+
+def gpu(*marks):
+    def wrap(f):
+        for mark in (pytest.mark.cuda, needs_gpu, *marks):
+            f = mark(f)
+        return f
+    return wrap
 
 
-def _check_cuda(*files, archs="80"):
-    # One architecture keeps the test quick; scripts/check_cuda.sh defaults to sm_80 + sm_90.
-    env = dict(os.environ, CUDA_ARCHS=archs, PYTHON=sys.executable)
-    return subprocess.run(["bash", str(ROOT / "scripts" / "check_cuda.sh"), *files],
-                          capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
-
-
-@needs_nvcc
-def test_cuda_sources_compile_with_nvcc():
-    out = _check_cuda()
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert out.stdout.count("check_cuda: OK") == len(list((ROOT / "csrc").glob("*.cu")))
-
-
-@needs_nvcc
-def test_cuda_check_fails_on_a_broken_file(tmp_path):
-    bad = tmp_path / "broken.cu"
-    bad.write_text("__global__ void k(float* x) { x[0] = 1.0f }\n")  # missing ';'
-    out = _check_cuda(str(bad))
-    assert out.returncode != 0 and "FAIL" in out.stderr
-
-
-# ---- CUDA: the same checks on a GPU (never run yet: no GPU machine was lent) ----
-
-@cuda
-@needs_gpu
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (33, 17, 65), (64, 1024, 1024), (0, 8, 5)])
-def test_cuda_matches_reference(m, k, n, act, dtype):
+@pytest.fixture
+def paths(monkeypatch):
+    """Counts the forward paths taken inside a test; TF32 off so fp32 is true fp32."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     assert ops.extension_info()["cuda"], "partlab._C was built without CUDA kernels"
-    # float32 on CUDA: TF32 may be on for matmuls in the reference and the op alike; compare with
-    # TF32 off so both are true fp32 GEMMs.
-    with _no_tf32():
-        check_against_reference(*make(m, k, n, dtype, "cuda"), act, TOL[dtype])
+    ops.forward_paths(reset=True)
+    return ops.forward_paths
 
 
-@cuda
-@needs_gpu
+CUDA_SHAPES = [(1, 1, 1), (1, 64, 32), (33, 17, 65), (64, 1024, 1024), (0, 8, 5),
+               (1000, 64, 256)]  # M > 256: several row blocks in the bias-gradient reduction
+
+
+@gpu()
 @pytest.mark.parametrize("act", ACTS)
-def test_cuda_unaligned_bias_shard_and_noncontiguous(act):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,n", CUDA_SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_cuda_matches_reference(m, k, n, act, dtype, bias, paths):
+    check_against_reference(*make(m, k, n, dtype, "cuda", bias=bias), act, TOL[dtype])
+    if m > 0:
+        assert sum(paths()[p] for p in ("cublaslt", "fallback")) == 1
+
+
+@gpu()
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_aligned_tensors_take_the_cublaslt_path(act, dtype, paths, monkeypatch):
+    monkeypatch.setenv("PARTLAB_REQUIRE_CUBLASLT", "1")  # a fallback now raises, with its reason
+    check_against_reference(*make(256, 512, 384, dtype, "cuda"), act, TOL[dtype])
+    assert paths()["cublaslt"] == 1 and paths()["fallback"] == 0, paths()
+
+
+@gpu()
+@pytest.mark.parametrize("act", ("relu", "gelu"))
+def test_cuda_gelu_with_and_without_its_pre_activation(act, paths):
+    x, w, b = (t.detach() for t in make(128, 256, 512, torch.bfloat16, "cuda"))
+    with torch.no_grad():  # inference: save_pre=False, no aux output
+        torch.testing.assert_close(fused_linear(x, w, b, act),
+                                   reference_fused_linear(x, w, b, act), **TOL[torch.bfloat16])
+    out, saved = torch.ops.partlab.fused_linear(x, w, b, act, True)
+    assert saved.numel() == (out.numel() if act == "gelu" else 0)
+    if act == "gelu":  # the aux output is the pre-activation itself
+        torch.testing.assert_close(saved, F.linear(x, w, b), **TOL[torch.bfloat16])
+    assert paths()["fallback"] == 0, paths()
+
+
+@gpu()
+@pytest.mark.parametrize("act", ACTS)
+def test_cuda_unaligned_bias_shard_falls_back(act, paths):
     buf = torch.randn(3 + 64, device="cuda")
-    b = buf[3:].requires_grad_()  # 12-byte offset: cuBLASLt's epilogue path must not be taken
+    b = buf[3:].requires_grad_()  # 12-byte offset: the epilogue's bias must be 16-byte aligned
     x = torch.randn(40, 2 * 32, device="cuda")[:, ::2].requires_grad_()
     w = (torch.randn(32, 64, device="cuda") / 8).t().requires_grad_()
-    with _no_tf32():
-        check_against_reference(x, w, b, act, TOL[torch.float32])
+    check_against_reference(x, w, b, act, TOL[torch.float32])
+    assert paths()["fallback"] == 1 and "bias" in paths()["last_fallback_reason"]
 
 
-@cuda
-@needs_gpu
-def test_cuda_gradcheck_opcheck_compile():
-    x, w, b = make(7, 5, 4, dtype=torch.float64, device="cuda", seed=3)
+@gpu()
+@pytest.mark.parametrize("offset", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_row_views_at_an_offset(offset, dtype, paths):
+    # A pipeline microbatch is a row slice of the batch: contiguous, used in place, but only
+    # offset * K * itemsize bytes aligned (K = 36: 4 bytes for bf16 at offset 1).
+    x, w, b = make(64 + offset, 36, 48, dtype, "cuda")
+    view = x.detach()[offset:].requires_grad_()
+    assert view.is_contiguous() and view.data_ptr() % 16 != 0
+    check_against_reference(view, w, b, "relu", TOL[dtype])
+    assert paths()["cublaslt"] + paths()["fallback"] == 1
+
+
+@gpu()
+def test_cuda_runs_on_the_current_stream(paths):
+    # x is produced on a side stream by a long matmul; if the op ran on another stream it would
+    # read x before it is written.
+    side = torch.cuda.Stream()
+    a = torch.randn(4096, 4096, device="cuda")
+    w, b = (torch.randn(512, 4096, device="cuda") / 64), torch.randn(512, device="cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        x = (a @ a) / 4096
+        y = fused_linear(x, w, b, "relu")
+        want = reference_fused_linear(x, w, b, "relu")
+    side.synchronize()
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+
+
+@gpu(pytest.mark.skipif(torch.cuda.device_count() < 2, reason="one GPU: no second device"))
+def test_cuda_second_device(paths):
+    with torch.cuda.device(0):  # the op must follow its inputs' device, not the current one
+        check_against_reference(*make(64, 128, 96, torch.float32, "cuda:1"), "gelu",
+                                TOL[torch.float32])
+    assert paths()["cublaslt"] + paths()["fallback"] == 1
+
+
+@gpu()
+@pytest.mark.parametrize("aligned_bias", [True, False])
+def test_cuda_nan_passes_through_relu_on_both_paths(aligned_bias, paths):
+    x, w, b = (t.detach() for t in make(32, 64, 48, torch.float32, "cuda"))
+    x[5, 7] = float("nan")
+    if not aligned_bias:
+        b = torch.cat([b.new_zeros(1), b])[1:]  # 4-byte offset: the fallback path
+    got, want = fused_linear(x, w, b, "relu"), reference_fused_linear(x, w, b, "relu")
+    assert torch.isnan(got[5]).all() and not torch.isnan(got[:5]).any()
+    torch.testing.assert_close(got, want, equal_nan=True)
+    assert paths()["cublaslt" if aligned_bias else "fallback"] == 1, paths()
+
+
+@gpu()
+def test_cuda_gradcheck_opcheck_compile(paths):
+    x, w, b = make(7, 5, 4, dtype=torch.float64, device="cuda", seed=3)  # float64: fallback
     assert torch.autograd.gradcheck(lambda *a: fused_linear(*a, activation="gelu"), (x, w, b))
-    torch.library.opcheck(torch.ops.partlab.fused_linear.default,
-                          tuple(t.detach().float() for t in (x, w, b)) + ("relu",))
+    for dtype in (torch.float32, torch.bfloat16):  # the cuBLASLt path
+        xf, wf, bf = (t.detach().to(dtype) for t in make(64, 128, 96, device="cuda"))
+        for act in ACTS:
+            torch.library.opcheck(torch.ops.partlab.fused_linear.default, (xf, wf, bf, act))
+    assert paths()["cublaslt"] > 0
     f = torch.compile(lambda x, w, b: fused_linear(x, w, b, "relu"), fullgraph=True)
     xf, wf, bf = (t.detach().float() for t in (x, w, b))
     torch.testing.assert_close(f(xf, wf, bf), reference_fused_linear(xf, wf, bf, "relu"))
-
-
-class _no_tf32:
-    def __enter__(self):
-        self.old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.old

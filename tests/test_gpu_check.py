@@ -1,0 +1,35 @@
+"""scripts/gpu_check.sh refuses a python it cannot use in one line, before building anything.
+
+Its no-GPU mode itself (the real CUDA build, the CPU op tests under a CUDA torch) is what CI
+runs through scripts/cuda_build_check.sh; on a GPU node it is the check (README, docs/gpu/).
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("python,message", [
+    ("/no/such/python", "/no/such/python not found: set PYTHON"),
+    ("/bin/false", "cannot import torch and setuptools"),
+])
+def test_an_unusable_python_fails_in_one_line(python, message):
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, PYTHON=python))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith("gpu_check: error: ") and message in proc.stderr
+
+
+def test_a_python_without_pytest_is_named(tmp_path):
+    # A python with torch and setuptools but no pytest: the missing module is named.
+    shim = tmp_path / "python"
+    shim.write_text(f"#!/bin/sh\ncase \"$2\" in *pytest*) exit 1;; esac\nexec {sys.executable} \"$@\"\n")
+    shim.chmod(0o755)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, PYTHON=str(shim)))
+    assert proc.returncode == 1 and "has no pytest: pip install pytest" in proc.stderr
