@@ -5,8 +5,8 @@ against the torch that will import it. PARTLAB_BUILD picks the flavour:
   auto (default)  CUDAExtension when this torch has CUDA and nvcc is found, else CppExtension
   cpu             CppExtension only (CPU kernels), even on a CUDA machine
   cuda            CUDAExtension, failing in one line when torch, nvcc or cuBLASLt is missing
-The C++ standard is left to torch's BuildExtension, which picks the one its headers need
-(C++17 up to torch 2.5, C++20 since; torch 2.14's ATen refuses anything older than C++20).
+The C++ standard is left to torch's BuildExtension, which passes the one its headers need
+(-std=c++17 from torch 2.11, -std=c++20 from 2.13 and 2.14, whose ATen refuses anything older).
 """
 import glob
 import os
