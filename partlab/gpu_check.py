@@ -195,6 +195,9 @@ def main(argv=None):
     stem.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(record))
     print(markdown(record))
+    for name, step in steps.items():
+        if step["status"] == "FAILED" and step.get("output"):
+            print(f"gpu_check: {name} FAILED; the end of its output:\n{step['output']}")
     skipped = [name for name, s in steps.items() if s["status"] == "skipped"]
     if skipped:
         print(f"gpu_check: skipped (no GPU here): {', '.join(skipped)}")
