@@ -94,7 +94,7 @@ def gemm_tflops():
             "share_of_peak": round(tflops / peak, 3) if peak else None}
 
 
-def drivers(src, gpus, out_dir):
+def drivers(src, gpus, out_dir, device="cuda"):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     if gpus >= 2:
         cmd = [sys.executable, "-m", "partlab", "lab", "--out", str(out_dir), "--steps", "10"]
@@ -106,7 +106,7 @@ def drivers(src, gpus, out_dir):
                           ("tensor_parallel_manual", ["--no-fused"]), ("pipeline", []),
                           ("pipeline", ["--schedule", "1f1b"])]:
         cmd = torchrun + ["--nproc_per_node", "1", "-m", f"partlab.{module}", "--device",
-                          "cuda", "--check", "--steps", "10", *extra]
+                          device, "--check", "--steps", "10", *extra]
         ok, secs, tail = run(cmd, src, timeout=300)
         step = re.search(r"step time ([\d.]+) ms", tail)
         runs[" ".join([module, *extra])] = {
@@ -116,22 +116,35 @@ def drivers(src, gpus, out_dir):
     return {"status": "FAILED" if failed else "ok", "world": 1, "runs": runs}
 
 
+def all_reduce_worker():
+    """One rank of the all_reduce measurement (run under torchrun): 256 MiB of fp32, 20 calls."""
+    import torch.distributed as dist
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl")
+    x = torch.ones(64 * 2**20, device="cuda")
+    for _ in range(5):
+        dist.all_reduce(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(20):
+        dist.all_reduce(x)
+    end.record()
+    torch.cuda.synchronize()
+    seconds, n = start.elapsed_time(end) / 20 / 1e3, dist.get_world_size()
+    if dist.get_rank() == 0:  # bus bandwidth: what a ring moves per rank, 2(n-1)/n of the data
+        print(f"busbw {x.numel() * 4 * 2 * (n - 1) / n / seconds / 1e9:.1f}")
+    dist.destroy_process_group()
+    return 0
+
+
 def all_reduce_busbw(src, gpus):
-    code = ("import os, torch, torch.distributed as dist\n"
-            "dist.init_process_group('nccl'); r = dist.get_rank(); n = dist.get_world_size()\n"
-            "torch.cuda.set_device(int(os.environ['LOCAL_RANK']))\n"
-            "x = torch.ones(64 * 2**20, device='cuda')\n"
-            "for _ in range(5): dist.all_reduce(x)\n"
-            "torch.cuda.synchronize(); s, e = (torch.cuda.Event(enable_timing=True) for _ in 'se')\n"
-            "s.record()\n[dist.all_reduce(x) for _ in range(20)]\ne.record()\n"
-            "torch.cuda.synchronize(); t = s.elapsed_time(e) / 20 / 1e3\n"
-            "r == 0 and print('busbw', x.numel() * 4 * 2 * (n - 1) / n / t / 1e9)\n"
-            "dist.destroy_process_group()\n")
     ok, secs, tail = run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node", str(gpus), "-c", code], src, timeout=300)
+                          "--nproc_per_node", str(gpus), "-m", "partlab.gpu_check",
+                          "--all-reduce-worker"], src, timeout=300)
     found = re.search(r"busbw ([\d.]+)", tail)
     return {"status": "ok" if ok and found else "FAILED", "gpus": gpus,
-            "busbw_GBps": round(float(found.group(1)), 1) if found else None,
+            "busbw_GBps": float(found.group(1)) if found else None,
             **({} if ok else {"output": tail})}
 
 
@@ -161,7 +174,8 @@ def markdown(record):
         lines.append(f"| driver {name} | {r['status']} | step {r['step_ms']} ms |")
     rows = record["steps"].get("bench op", {}).get("rows", [])
     if rows:
-        lines += ["", "| shape | mode | variant | median ms | eager / this |", "|---|---|---|---:|---:|"]
+        lines += ["", "| shape | mode | variant | median ms | eager / this |",
+                  "|---|---|---|---:|---:|"]
         lines += [f"| {r['shape']} | {r['mode']} | {r['variant']} | {r['median_s'] * 1e3:.3f} | "
                   f"{r['speedup_vs_eager']:.3f} |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -174,7 +188,10 @@ def main(argv=None):
                                  "results/gpu-check without)")
     p.add_argument("--root", default=".", help="the repository (for the git revision)")
     p.add_argument("--build", default="{}", help="the build step's record, as JSON")
+    p.add_argument("--all-reduce-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.all_reduce_worker:
+        return all_reduce_worker()
     root, src = Path(args.root).resolve(), Path.cwd()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     out_dir = Path(args.out or root / ("docs/gpu" if gpus else "results/gpu-check")).resolve()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from partlab import gpu_check
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,8 +30,20 @@ def test_an_unusable_python_fails_in_one_line(python, message):
 def test_a_python_without_pytest_is_named(tmp_path):
     # A python with torch and setuptools but no pytest: the missing module is named.
     shim = tmp_path / "python"
-    shim.write_text(f"#!/bin/sh\ncase \"$2\" in *pytest*) exit 1;; esac\nexec {sys.executable} \"$@\"\n")
+    shim.write_text("#!/bin/sh\ncase \"$2\" in *pytest*) exit 1;; esac\n"
+                    f"exec {sys.executable} \"$@\"\n")
     shim.chmod(0o755)
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True,
                           text=True, timeout=60, env=dict(os.environ, PYTHON=str(shim)))
     assert proc.returncode == 1 and "has no pytest: pip install pytest" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_driver_step_runs_every_driver_and_reads_its_step_time(tmp_path):
+    # The GPU node's "drivers" step, on CPU: the same commands with --device cpu.
+    step = gpu_check.drivers(ROOT, 1, tmp_path, device="cpu")
+    assert step["status"] == "ok", step
+    assert len(step["runs"]) == 5 and all(r["step_ms"] > 0 for r in step["runs"].values())
+    record = {"provenance": gpu_check.provenance(ROOT), "steps": {"drivers": step}}
+    table = gpu_check.markdown(record)
+    assert "| driver pipeline --schedule 1f1b | ok | step " in table
