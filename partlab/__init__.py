@@ -1,4 +1,4 @@
-"""partlab: tensor and pipeline parallelism in PyTorch, verified against a single-device reference."""
+"""partlab: tensor and pipeline parallelism in PyTorch, checked against a one-device reference."""
 __version__ = "0.1.0"
 
 # The oldest torch the suite has passed on: CI runs 2.13.0 (every test) and 2.14.1 (the CUDA

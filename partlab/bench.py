@@ -339,7 +339,7 @@ def memory(sweep):
                 row[f"{schedule}_peak_memory_mib"] = record["peak_memory_mib"]
         if "gpipe_activation_mib" in row and "1f1b_activation_mib" in row:
             row["ratio"] = [g / f for g, f in zip(row["gpipe_activation_mib"],
-                                                  row["1f1b_activation_mib"])]
+                                                  row["1f1b_activation_mib"], strict=True)]
             rows.append(row)
     return sweep.write(rows, [
         ("ranks", "nproc", "{}"), ("m", "microbatches", "{}"),

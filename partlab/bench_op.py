@@ -125,7 +125,8 @@ def run(args):
         "device": device, "dtype": dtype_name, "activation": args.activation,
         "threads": torch.get_num_threads() if device == "cpu" else None,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
-        "torch": torch.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "repeats": repeats, "quick": args.quick, "rows": rows,
     }
 
@@ -156,12 +157,13 @@ def format_table(result):
              f"torch={result['torch']} repeats={result['repeats']}",
              "| shape | mode | variant | median ms | eager / this | addmm_act / this |",
              "|---|---|---|---:|---:|---:|"]
+    def ratio(value):
+        return "-" if value is None else f"{value:.3f}"
+
     for r in result["rows"]:
-        def ratio(key):
-            return "-" if r[key] is None else f"{r[key]:.3f}"
         lines.append(f"| {r['shape']} | {r['mode']} | {r['variant']} | "
-                     f"{r['median_s'] * 1e3:.3f} | {ratio('speedup_vs_eager')} | "
-                     f"{ratio('speedup_vs_addmm_act')} |")
+                     f"{r['median_s'] * 1e3:.3f} | {ratio(r['speedup_vs_eager'])} | "
+                     f"{ratio(r['speedup_vs_addmm_act'])} |")
     return "\n".join(lines)
 
 

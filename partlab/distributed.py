@@ -121,7 +121,7 @@ def verify_same_settings(settings, group):
     everyone = [torch.empty_like(mine) for _ in range(group.world_size)]
     dist.all_gather(everyone, mine)
     for rank, theirs in enumerate(everyone):
-        for name, a, b in zip(fields, everyone[0].tolist(), theirs.tolist()):
+        for name, a, b in zip(fields, everyone[0].tolist(), theirs.tolist(), strict=True):
             require(a == b, f"rank {rank} was launched with a different --{name.replace('_', '-')} "
                             "than rank 0: start every rank with the same command and flags")
 

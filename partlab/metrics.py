@@ -10,7 +10,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -156,7 +156,7 @@ def finish(strategy, settings, group, trace):
     losses = loss_t.tolist()
     dparam, step_s = stats.tolist()
     ref_step_s = statistics.median(timed_steps(ref.times))
-    dloss = max(abs(a - b) for a, b in zip(losses, ref.losses))
+    dloss = max(abs(a - b) for a, b in zip(losses, ref.losses, strict=True))
     tol = TOLERANCE[settings.dtype]
     ok = dloss <= tol["loss"] and dparam <= tol["param"]
     record = {
@@ -225,7 +225,7 @@ def print_summary(r):
           f"MLP {s['input_dim']}-{s['hidden_dim']}-{s['num_classes']} ({s['layers']} layers), "
           f"batch {s['batch_size']}")
     print(f"{'step':>4}  {'loss':>10}  {'reference':>10}  {'|dloss|':>8}")
-    for i, (a, b) in enumerate(zip(r["losses"], r["reference_losses"]), 1):
+    for i, (a, b) in enumerate(zip(r["losses"], r["reference_losses"], strict=True), 1):
         print(f"{i:>4}  {a:>10.6f}  {b:>10.6f}  {abs(a - b):>8.1e}")
     tol = r["tolerance"]
     print(f"max |dloss| {r['max_abs_dloss']:.1e} (tol {tol['loss']:.0e}), max |dparam| "
@@ -238,7 +238,7 @@ def print_summary(r):
           + "; activations saved for backward (MiB): "
           + ", ".join(f"{m:.2f}" for m in r["peak_activation_mib"]))
     for rank, (total, bwd, size) in enumerate(zip(r["comm_per_step"], r["comm_in_backward"],
-                                                  r["comm_bytes_per_step"])):
+                                                  r["comm_bytes_per_step"], strict=True)):
         print(f"communication per step, rank {rank}: {comm_summary(total, bwd, size)}")
     if "bubble" in r:
         b, s = r["bubble"], r["settings"]

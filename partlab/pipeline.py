@@ -31,9 +31,13 @@ from partlab.config import INTERLEAVED, add_pipeline_flags, make_parser, require
 from partlab.timeline import Timeline, theory
 
 try:
-    from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
-                                              ScheduleInterleaved1F1B,
-                                              ScheduleInterleavedZeroBubble)
+    from torch.distributed.pipelining import (
+        PipelineStage,
+        Schedule1F1B,
+        ScheduleGPipe,
+        ScheduleInterleaved1F1B,
+        ScheduleInterleavedZeroBubble,
+    )
 except ImportError as e:
     raise SystemExit(missing_torch_feature("torch.distributed.pipelining", e)) from None
 

@@ -61,7 +61,8 @@ def bubble(rows, path, caption):
     for ((p, v), group), style in zip(series(theories, "nproc", "virtual_stages"),
                                       itertools.cycle(("k--", "k:", "k-."))):
         points = sorted({(r["microbatches"], r["theory"]) for r in group})
-        ax.plot(*zip(*points), style, label=f"theory, p={p}: (p-1)/({v if v > 1 else ''}m+p-1)")
+        label = f"theory, p={p}: (p-1)/({v if v > 1 else ''}m+p-1)"
+        ax.plot(*zip(*points, strict=True), style, label=label)
     log2_axis(ax, [r["microbatches"] for r in rows], "microbatches m")
     ax.set_ylabel("bubble (idle share of a step)")
     ax.set_ylim(0, 1)

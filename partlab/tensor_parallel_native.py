@@ -23,8 +23,11 @@ from partlab.tensor_parallel_manual import validate_sharding as validate
 try:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import distribute_tensor
-    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
-                                                   parallelize_module)
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
 except ImportError as e:
     raise SystemExit(missing_torch_feature("torch.distributed.tensor.parallel", e)) from None
 

@@ -21,7 +21,8 @@ def run(cmd, timeout=180, env=None):
     PYTHONFAULTHANDLER makes a crashing process print where Python was when it died."""
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})})
+                          text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})})
     return proc, time.perf_counter() - start
 
 

@@ -98,7 +98,7 @@ def slurm_conf(d, ctld_port, node_ports, host):
         "SlurmctldDebug=info",
         "SlurmdDebug=info",
     ]
-    for name, port in zip(NODES, node_ports):
+    for name, port in zip(NODES, node_ports, strict=True):
         lines.append(f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "
                      f"CPUs={CPUS_PER_NODE} Boards=1 SocketsPerBoard=1 "
                      f"CoresPerSocket={CPUS_PER_NODE} ThreadsPerCore=1 RealMemory=4000 "

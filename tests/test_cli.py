@@ -3,7 +3,6 @@ import json
 import sys
 
 import pytest
-
 from launch import SMALL, run
 
 PARTLAB = [sys.executable, "-m", "partlab"]

@@ -10,11 +10,11 @@ import dataclasses
 import json
 
 import pytest
-
 from launch import SMALL, run_driver, torchrun
+from reference import plain_reference
+
 from partlab.config import Settings
 from partlab.metrics import TOLERANCE
-from reference import plain_reference
 
 pytestmark = pytest.mark.slow
 SMALL_SETTINGS = Settings(batch_size=32, input_dim=64, hidden_dim=128, num_classes=10, steps=3,
@@ -29,7 +29,7 @@ def assert_matches_reference(record, layers=SMALL_SETTINGS.layers):
     assert len(record["losses"]) == SMALL_SETTINGS.steps
     if layers not in PLAIN:
         PLAIN[layers] = plain_reference(dataclasses.replace(SMALL_SETTINGS, layers=layers))[0]
-    for step, (got, want) in enumerate(zip(record["losses"], PLAIN[layers]), 1):
+    for step, (got, want) in enumerate(zip(record["losses"], PLAIN[layers], strict=True), 1):
         assert abs(got - want) <= tol["loss"], f"step {step}: {got} vs plain PyTorch {want}"
 
 
@@ -47,7 +47,7 @@ def test_tensor_parallel_matches_reference(module, flags, nproc, tmp_path):
     s = SMALL_SETTINGS
     payload = 4 * s.batch_size * (s.hidden_dim + s.num_classes + s.hidden_dim)  # fp32 bytes
     for total, backward, size in zip(record["comm_per_step"], record["comm_in_backward"],
-                                     record["comm_bytes_per_step"]):
+                                     record["comm_bytes_per_step"], strict=True):
         assert total == {"all_reduce": 3}, total
         assert backward == {"all_reduce": 1}, backward
         # forward: the pairs' outputs (batch x hidden, batch x classes); backward: the second
@@ -78,7 +78,7 @@ def test_pipeline_matches_reference(schedule, nproc, layers, tmp_path):
     assert [i for stage in record["stage_layers"] for i in stage] == list(range(layers))
     assert len(record["stage_layers"]) == nproc * v and all(record["stage_layers"])
     # Point to point only.
-    for total, sends in zip(record["comm_per_step"], expected_p2p(nproc, v, m)):
+    for total, sends in zip(record["comm_per_step"], expected_p2p(nproc, v, m), strict=True):
         assert total == {"send": sends, "recv": sends}, (total, sends)
     bubble = record["bubble"]
     assert bubble["theory"] == (None if schedule == "zero-bubble" else

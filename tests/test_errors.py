@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import torch
-
 from launch import ROOT, SMALL, TORCHRUN, run, torchrun
+
 from partlab.distributed import free_port
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,8 @@ def test_bad_flags_fail_before_any_collective(module, args, message):
     assert_one_line_error(proc, seconds, message)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without GPUs")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="checks the message on a machine without GPUs")
 def test_cuda_requested_without_gpu():
     proc, seconds = torchrun("partlab.tensor_parallel_manual", 2, "--device", "cuda")
     assert_one_line_error(proc, seconds, "--device cuda but torch sees no GPU")

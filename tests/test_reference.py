@@ -3,11 +3,11 @@ import dataclasses
 
 import pytest
 import torch
+from reference import plain_reference
 
 from partlab import metrics
 from partlab import model as mlp
 from partlab.config import Settings
-from reference import plain_reference
 
 SMALL = Settings(batch_size=16, input_dim=32, hidden_dim=48, num_classes=5, steps=4, layers=3)
 
@@ -31,7 +31,7 @@ def test_batches_are_deterministic_and_differ_per_step():
     assert torch.equal(x0, x0b) and torch.equal(y0, y0b)
     assert not torch.equal(x0, x1)
     assert x0.shape == (16, 32) and y0.shape == (16,)
-    assert 0 <= int(y0.min()) and int(y0.max()) < SMALL.num_classes
+    assert int(y0.min()) >= 0 and int(y0.max()) < SMALL.num_classes
 
 
 def test_bf16_model_and_batch_use_bf16():
