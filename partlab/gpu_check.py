@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -149,10 +150,13 @@ def all_reduce_busbw(src, gpus):
 
 
 def provenance(root):
-    rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True).stdout.strip() or None
+    """Where and with what the check ran. The revision: git's, else $PARTLAB_REVISION (a copy of
+    the tree without .git)."""
+    git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True) if shutil.which("git") else None
+    rev = (git.stdout.strip() if git else "") or os.environ.get("PARTLAB_REVISION")
     smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                         capture_output=True, text=True) if torch.cuda.is_available() else None
+                         capture_output=True, text=True) if shutil.which("nvidia-smi") else None
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(), "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.version.cuda,

@@ -12,7 +12,8 @@
 # Usage: scripts/gpu_check.sh [--out DIR]    (default DIR: docs/gpu, or results/gpu-check
 #                                            without a GPU)
 # Env:   PYTHON (default python3), MAX_JOBS (parallel compile jobs), TORCH_CUDA_ARCH_LIST
-#        (default setup.py's: 8.0;9.0+PTX), KEEP=1 keeps the copy of the tree.
+#        (default setup.py's: 8.0;9.0+PTX), KEEP=1 keeps the copy of the tree, PARTLAB_REVISION
+#        (the record's revision where the tree has no .git).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3}"
@@ -28,10 +29,15 @@ has_cuda=$("$python" -c 'import torch; print(int(torch.version.cuda is not None)
 mode=cpu
 if [[ $has_cuda == 1 ]]; then mode=cuda; fi
 
-git -C "$root" rev-parse --git-dir >/dev/null 2>&1 || die "$root is not a git checkout"
 work="$(mktemp -d)"
 if [[ -z ${KEEP:-} ]]; then trap 'rm -rf "$work"' EXIT; fi
-(cd "$root" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) | tar -C "$work" -xf -
+# The sources only: what git tracks (or, in a copy without .git, the tree less build outputs).
+if git -C "$root" rev-parse --git-dir >/dev/null 2>&1; then
+  (cd "$root" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) | tar -C "$work" -xf -
+else
+  tar -C "$root" --exclude=./.venv --exclude=./build --exclude=./results --exclude='*.so' \
+    -cf - . | tar -C "$work" -xf -
+fi
 
 echo "gpu_check: building partlab._C (PARTLAB_BUILD=$mode) with $("$python" -c \
   'import torch; print("torch", torch.__version__)') in $work"
