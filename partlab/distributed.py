@@ -138,6 +138,7 @@ def run(parser, validate, work, argv=None):
     try:
         settings = parse(parser, argv)
         validate(settings, launch)
+        check_outputs(settings, launch)
         group = init(settings, launch)
     except UsageError as e:
         return usage_error(e, launch)
@@ -179,6 +180,17 @@ def collective_failure(error):
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
     reason = re.sub(r"^\[[^\]]*\]\s*", "", reason)  # drop gloo's "[path/file.cc:78]" prefix
     return f"{comm[-1].name if comm else 'collective'} failed{where}: {reason}"
+
+
+def check_outputs(settings, launch):
+    """Rank 0 writes --json and --timeline after training: check before training that it can."""
+    if launch.rank != 0:
+        return
+    for flag, path in (("--json", settings.json), ("--timeline", settings.timeline)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        require(folder is None or (os.path.isdir(folder) and os.access(folder, os.W_OK)),
+                f"{flag} {path}: {folder} is not a writable directory: create it or write "
+                "somewhere else")
 
 
 def usage_error(error, launch):

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from partlab import model as mlp
 from partlab import timeline as pipeline_timeline
+from partlab.config import DEFAULTS
 from partlab.counters import ActivationMeter, CommCounter
 
 # Tolerances against the reference (max abs difference after all steps).
@@ -182,8 +183,16 @@ def finish(strategy, settings, group, trace):
         with open(settings.json, "w") as f:
             json.dump(record, f, indent=1)
     if settings.check and not ok:
-        print(f"partlab: error: {strategy.name} deviates from the reference beyond tolerance",
-              file=sys.stderr, flush=True)
+        first = ref.losses[0]
+        worst = max(ref.losses, key=lambda v: math.inf if math.isnan(v) else v)
+        if not math.isfinite(worst) or worst > 10 * first:
+            print(f"partlab: error: the run diverged (the reference's own loss went from "
+                  f"{first:.3g} to {worst:.3g}), so float rounding no longer bounds the "
+                  f"difference: lower --lr (now {settings.lr:g}; default {DEFAULTS.lr:g})",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"partlab: error: {strategy.name} deviates from the reference beyond "
+                  "tolerance", file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -121,3 +121,21 @@ def test_a_hung_rank_becomes_a_timeout_error():
     assert_one_line_error(proc, seconds, "rank 0: all_reduce failed in tensor_parallel_manual.py",
                           limit=60)
     assert "Timed out" in proc.stdout
+
+
+@pytest.mark.parametrize("flag,path", [("--json", "/no/such/dir/run.json"),
+                                       ("--timeline", "/no/such/dir/timeline")])
+def test_an_output_that_cannot_be_written_stops_the_run_before_training(flag, path):
+    # Rank 0 writes these after training: a wrong folder must not cost the whole run.
+    proc, seconds = run([sys.executable, "-m", "partlab.pipeline", *SMALL, flag, path],
+                        timeout=120)
+    assert_one_line_error(proc, seconds, f"{flag} {path}: /no/such/dir is not a writable "
+                                         "directory")
+    assert proc.returncode == 2 and "reference" not in proc.stdout  # nothing was trained
+
+
+def test_a_diverged_run_is_named_as_divergence_not_a_parallelism_bug():
+    proc, seconds = run([sys.executable, "-m", "partlab.tensor_parallel_manual", *SMALL,
+                         "--lr", "1e6", "--check"], timeout=120)
+    assert_one_line_error(proc, seconds, "the run diverged (the reference's own loss")
+    assert proc.returncode == 1 and "lower --lr (now 1e+06; default 0.03)" in proc.stdout
