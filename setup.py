@@ -81,10 +81,11 @@ def cublaslt_dirs():
 
 
 def cuda_extension(sources, cxx):
-    if nvcc_major() is not None and str(nvcc_major()) != torch.version.cuda.split(".")[0]:
-        fail(f"nvcc in {CUDA_HOME} is CUDA {nvcc_major()} but torch {torch.__version__} was "
-             f"built with CUDA {torch.version.cuda}: use a CUDA {torch.version.cuda.split('.')[0]}"
-             f".x toolkit (export CUDA_HOME) or a torch built for CUDA {nvcc_major()}")
+    nvcc, torch_major = nvcc_major(), int(torch.version.cuda.split(".")[0])
+    if nvcc is not None and nvcc != torch_major:
+        fail(f"nvcc in {CUDA_HOME} is CUDA {nvcc} but torch {torch.__version__} was built with "
+             f"CUDA {torch.version.cuda}: use a CUDA {torch_major}.x toolkit (export CUDA_HOME) "
+             f"or a torch built for CUDA {nvcc}")
     include, lib, name = cublaslt_dirs()
     return CUDAExtension(
         "partlab._C", sources,

@@ -61,8 +61,8 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_cpu(const at::Tensor& x, const a
   const at::Tensor wt = weight.t();
   const int64_t rb = rows_per_block(M, N, K, x.scalar_type());
   if (rb >= M && M * N > 0) {
-    // One block (large K): let the functional GEMM and GELU allocate their results, as eager
-    // does, then the single activation pass (in place, or pre -> out for GELU keeping pre).
+    // One block (large K): the functional GEMM, then one activation pass, each allocating its
+    // result as eager's do (in place; GELU keeping pre gets a fresh out from at::gelu).
     at::Tensor pre = bias.has_value() ? at::addmm(*bias, x, wt) : at::mm(x, wt);
     if (!keep_pre) {
       apply_activation_(pre, pre, act, false);
