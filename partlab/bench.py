@@ -19,6 +19,7 @@ than partlab's usual 300 lines: five sweeps, each next to the analytic model it 
 plots live in partlab/plots.py.)
 """
 import argparse
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -26,9 +27,11 @@ import os
 import statistics
 import tempfile
 
-from partlab import lab, plots
-from partlab.config import INTERLEAVED, UsageError
+from partlab import lab, plots, strategies
+from partlab.config import UsageError
 from partlab.model import DTYPES
+from partlab.partition import stage_ids, stage_layers
+from partlab.report import write_json
 
 # Sizes per sweep. Defaults take 4-10 s per run on 2 CPU cores; on GPUs pass bigger ones
 # (--hidden-dims 16384 --batch-size 1024). A sweep that needs one width uses the largest of
@@ -52,13 +55,11 @@ SIZES = {
                  "input_dim": 1024, "layers": 4, "steps": 10, "nproc": [2]},
 }
 QUICK = {"hidden_dims": [64], "batch_size": 32, "input_dim": 64, "steps": 3, "nproc": [2]}
-QUICK_SWEEP = {"bubble": {"microbatches": [2, 4]}, "memory": {"microbatches": [2, 4]},
+QUICK_SWEEP = {"bubble": {"microbatches": [4]}, "memory": {"microbatches": [4]},
                "overhead": {"layers": 4}}
 NUM_CLASSES = 10
-TP = [("native TP", "partlab.tensor_parallel_native", []),
-      ("manual TP fused", "partlab.tensor_parallel_manual", ["--fused"]),
-      ("manual TP unfused", "partlab.tensor_parallel_manual", ["--no-fused"])]
-SCHEDULES = ("gpipe", "1f1b") + INTERLEAVED
+TP = strategies.of_kind("tp")
+PIPELINES = strategies.of_kind("pipeline")
 
 
 def ints(text):
@@ -92,6 +93,14 @@ def make_parser(sweep):
     return p
 
 
+def list_sweeps():
+    """What `partlab bench` alone prints: the sweeps as this docstring lists them, and op."""
+    return ("partlab bench SWEEP [--quick] [--out DIR] [sizes]; SWEEP is one of:\n"
+            + __doc__.split("\n\n")[1]
+            + "\n  op      the fused op's micro-benchmark (partlab bench op --help)"
+            + "\nSizes and defaults: partlab bench SWEEP --help")
+
+
 def main(sweep, argv):
     """Run one sweep (or all); exit status 1 when any run failed."""
     args = make_parser(sweep).parse_args(argv)
@@ -99,7 +108,10 @@ def main(sweep, argv):
         raise UsageError("partlab bench draws its plots with matplotlib, which is not "
                          "installed: pip install matplotlib")
     status = 0
-    for name in SWEEPS if sweep == "all" else [sweep]:
+    names = list(SWEEPS) if sweep == "all" else [sweep]
+    for i, name in enumerate(names, 1):
+        if len(names) > 1:
+            print(f"partlab bench all: sweep {i}/{len(names)}", flush=True)
         quick = {**QUICK, **QUICK_SWEEP.get(name, {})} if args.quick else {}
         sizes = {**SIZES[name], **quick,
                  **{k: v for k, v in vars(args).items() if k in SIZES[name] and v is not None}}
@@ -124,12 +136,12 @@ class Sweep:
                                  "--layers", layers or s["layers"], "--steps", s["steps"],
                                  "--device", self.device, *extra)]
 
-    def run(self, module, nproc, flags, **params):
-        """One driver run; returns its record (None when it failed)."""
+    def run(self, entry, nproc, flags, **params):
+        """One run of a registry entry; returns its record (None when it failed)."""
         label = " ".join(f"{k}={v}" for k, v in {"nproc": nproc, **params}.items())
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "record.json")
-            cmd, proc, seconds = lab.run_strategy(module, nproc, flags, path)
+            cmd, proc, seconds = lab.run_strategy(entry, nproc, flags, path)
             if proc.returncode == 0:
                 with open(path) as f:
                     record = json.load(f)
@@ -153,8 +165,7 @@ class Sweep:
         result = {"sweep": self.name, "sizes": self.sizes, "results": rows, **extra,
                   "provenance": lab.provenance(self.nproc, self.runs_on),
                   "commands": self.commands, "failed": self.failed, "points": self.points}
-        with open(stem + ".json", "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(result, stem + ".json")
         if rows:
             getattr(plots, self.name)(rows, stem + ".png", self.caption())
         for path in [stem + ".json"] + [stem + ".png"] * bool(rows) + extra.get("timelines", []):
@@ -181,9 +192,9 @@ def step(sweep):
     driver times on rank 0 alone; per width it is the median over that width's runs."""
     s = sweep.sizes
     ms = {}
-    for hidden, nproc, (name, module, extra) in itertools.product(s["hidden_dims"], s["nproc"], TP):
-        record = sweep.run(module, nproc, sweep.flags(hidden, *extra), strategy=name,
-                           hidden_dim=hidden)
+    for hidden, nproc, entry in itertools.product(s["hidden_dims"], s["nproc"], TP):
+        name = entry.label
+        record = sweep.run(entry, nproc, sweep.flags(hidden), strategy=name, hidden_dim=hidden)
         if record:
             ms[name, nproc, hidden] = record["step_time_s"] * 1e3
             ms.setdefault(("reference", 1, hidden), []).append(
@@ -205,16 +216,17 @@ def step(sweep):
         ("fused/native step", "fused_over_native", "{:.2f}")])
 
 
-def run_pipeline(sweep, p, schedule, m, *extra):
-    """One partlab.pipeline run on p ranks of the sweep's widest model, 2 layers per rank unless
-    --layers says otherwise (None, not run, where 1F1B would refuse: m < p)."""
+def run_pipeline(sweep, p, entry, m, *extra):
+    """One run of a pipeline entry on p ranks of the sweep's widest model, 2 layers per rank
+    unless --layers says otherwise (None, not run, where 1F1B would refuse: m < p)."""
+    schedule = entry.flag("--schedule")
     if schedule == "1f1b" and m < p:
         print(f"  skip schedule=1f1b microbatches={m}: 1F1B needs at least {p} (the ranks)")
         return None
     s = sweep.sizes
-    return sweep.run("partlab.pipeline", p, sweep.flags(
-        max(s["hidden_dims"]), "--schedule", schedule, "--microbatches", m, *extra,
-        layers=s["layers"] or 2 * p), schedule=schedule, microbatches=m)
+    return sweep.run(entry, p, sweep.flags(
+        max(s["hidden_dims"]), "--microbatches", m, *extra, layers=s["layers"] or 2 * p),
+        schedule=schedule, microbatches=m)
 
 
 def bubble(sweep):
@@ -222,10 +234,11 @@ def bubble(sweep):
     weight-gradient work fills the idle slots); --timeline charts for the largest m."""
     s = sweep.sizes
     rows, timelines = [], []
-    for p, schedule, m in itertools.product(s["nproc"], SCHEDULES, s["microbatches"]):
+    for p, entry, m in itertools.product(s["nproc"], PIPELINES, s["microbatches"]):
+        schedule = entry.flag("--schedule")
         prefix = os.path.join(sweep.out, f"timeline-{schedule}-m{m}"
                               + (f"-p{p}" if len(s["nproc"]) > 1 else ""))
-        record = run_pipeline(sweep, p, schedule, m,
+        record = run_pipeline(sweep, p, entry, m,
                               *["--timeline", prefix] * (m == max(s["microbatches"])))
         if record:
             v, measured = record["settings"]["virtual_stages"], record["bubble"]["measured"]
@@ -279,10 +292,6 @@ def pipeline_comm(s, rank, ranks):
     (that activation's gradient): (B/m) x width(boundary) elements each way. So for each stage
     the rank holds, it sends m messages to each neighbour stage and receives m from each.
     """
-    # Imported here: the `partlab` command imports this module for its sweep names, and
-    # `partlab env` must run (and report) when torch lacks pipelining.
-    from partlab.pipeline import stage_ids, stage_layers
-
     m, v, dims = s["microbatches"], s["virtual_stages"] or 1, widths(s)
     total = ranks * v
     elements = [s["batch_size"] // m * dims[stage_layers(s["layers"], max(a, b), total)[0]]
@@ -295,15 +304,15 @@ def comm(sweep):
     """Measured communication per step per rank vs tp_comm / pipeline_comm: payloads must agree
     exactly (a mismatch is a driver doing more or less than the design says)."""
     s = sweep.sizes
-    pipeline = ("pipeline gpipe", "partlab.pipeline",
-                ["--schedule", "gpipe", "--microbatches", str(max(s["microbatches"]))])
+    chosen = [strategies.get(k) for k in ("tp-native", "tp-manual", "pipeline-gpipe")]
     rows = []
-    for p, hidden, (name, module, extra) in itertools.product(s["nproc"], s["hidden_dims"],
-                                                              TP[:2] + [pipeline]):
-        record = sweep.run(module, p, sweep.flags(hidden, *extra), strategy=name,
+    for p, hidden, entry in itertools.product(s["nproc"], s["hidden_dims"], chosen):
+        name, pipelined = entry.label, entry.kind == "pipeline"
+        extra = ["--microbatches", max(s["microbatches"])] if pipelined else []
+        record = sweep.run(entry, p, sweep.flags(hidden, *extra), strategy=name,
                            hidden_dim=hidden)
         for rank in range(p) if record else ():
-            expected = pipeline_comm(record["settings"], rank, p) if module == pipeline[1] \
+            expected = pipeline_comm(record["settings"], rank, p) if pipelined \
                 else tp_comm(record["settings"])
             for op, want in sorted(expected.items()):
                 got = record["comm_bytes_per_step"][rank].get(op, 0)
@@ -333,7 +342,7 @@ def memory(sweep):
     for p, m in itertools.product(sweep.sizes["nproc"], sweep.sizes["microbatches"]):
         row = {"nproc": p, "microbatches": m, "expected_ratio_rank0": m / min(m, p)}
         for schedule in ("gpipe", "1f1b"):
-            record = run_pipeline(sweep, p, schedule, m)
+            record = run_pipeline(sweep, p, strategies.get(f"pipeline-{schedule}"), m)
             if record:
                 row[f"{schedule}_activation_mib"] = record["peak_activation_mib"]
                 row[f"{schedule}_peak_memory_mib"] = record["peak_memory_mib"]
@@ -351,22 +360,27 @@ def memory(sweep):
         ("peak MiB 1f1b", "1f1b_peak_memory_mib", "{:.0f}")])
 
 
+def under_overhead_benchmark(entry):
+    """`entry` run by partlab/bench_overhead.py instead of its own driver."""
+    return dataclasses.replace(entry, module="partlab.bench_overhead",
+                               flags=("--strategy", entry.key))
+
+
 def overhead(sweep):
     """The drivers' step as they measure it vs a bare loop of the same strategy, same run
     (partlab/bench_overhead.py): target at most +5 %. The whole loop also pays for the last
     step, which counts collectives and saved activations under Python hooks."""
     s = sweep.sizes
     m = max(s["microbatches"])
-    strategies = [("native TP", ["--strategy", "native"]),
-                  ("manual TP fused", ["--strategy", "manual", "--fused"])] + [
-        (f"pipeline {schedule}", ["--strategy", "pipeline", "--schedule", schedule,
-                                  "--microbatches", m]) for schedule in ("gpipe", "1f1b")]
+    chosen = [strategies.get(k) for k in ("tp-native", "tp-manual", "pipeline-gpipe",
+                                          "pipeline-1f1b")]
     rows = []
-    for p, (name, extra) in itertools.product(s["nproc"], strategies):
-        result = sweep.run("partlab.bench_overhead", p, sweep.flags(max(s["hidden_dims"]), *extra),
-                           strategy=name)
+    for p, entry in itertools.product(s["nproc"], chosen):
+        extra = ["--microbatches", m] if entry.kind == "pipeline" else []
+        result = sweep.run(under_overhead_benchmark(entry), p,
+                           sweep.flags(max(s["hidden_dims"]), *extra), strategy=entry.label)
         if result:
-            rows.append({"strategy": name, "nproc": p,
+            rows.append({"strategy": entry.label, "nproc": p,
                          "step_ms": statistics.median(result["reported_step_s"]) * 1e3,
                          "bare_step_ms": statistics.median(result["bare_step_s"]) * 1e3,
                          "step_overhead": result["step_overhead"],

@@ -126,7 +126,7 @@ def run(args):
         "threads": torch.get_num_threads() if device == "cpu" else None,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
         "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(),
         "repeats": repeats, "quick": args.quick, "rows": rows,
     }
 

@@ -3,11 +3,11 @@
 A driver times every step (synchronising the device around it), reads the loss back, counts
 collectives and saved activations on the last step, and (pipelines) times every compute call
 for the timeline. Here two copies of one strategy are built in the same process group; one
-runs the driver's loop (metrics.run_steps), the other the same steps with nothing around them,
+runs the driver's loop (harness.run_steps), the other the same steps with nothing around them,
 alternating, and rank 0 reports how much longer the driver's loop takes.
 
 Run by `partlab bench overhead`; by hand:
-  torchrun --standalone --nproc_per_node 2 -m partlab.bench_overhead --strategy manual --steps 10
+  torchrun --standalone --nproc_per_node 2 -m partlab.bench_overhead --strategy tp-manual --steps 10
 """
 import argparse
 import functools
@@ -17,28 +17,26 @@ import statistics
 import sys
 import time
 
-from partlab import distributed, metrics
-from partlab import model as mlp
-
-DRIVERS = {"native": "tensor_parallel_native", "manual": "tensor_parallel_manual",
-           "pipeline": "pipeline", "pipeline-tp": "pipeline_tensor_parallel"}
+from partlab import distributed, harness, strategies
+from partlab import model as models
+from partlab.harness import Driver
 
 
 def bare_loop(settings, device, step):
     """The same steps with nothing around them: no per-step sync, timing or loss read-back.
     Returns the seconds per step over the steps the driver's summary uses (timed_steps)."""
-    timed = metrics.timed_steps(range(settings.steps))     # a range: the steps in the middle
+    timed = harness.timed_steps(range(settings.steps))     # a range: the steps in the middle
     untimed_before, untimed_after = range(timed[0]), range(timed[-1] + 1, settings.steps)
     for i in untimed_before:
-        step(*mlp.make_batch(settings, i, device))
-    metrics.synchronize(device)
+        step(*models.make_batch(settings, i, device))
+    harness.synchronize(device)
     start = time.perf_counter()
     for i in timed:
-        step(*mlp.make_batch(settings, i, device))
-    metrics.synchronize(device)
+        step(*models.make_batch(settings, i, device))
+    harness.synchronize(device)
     seconds = (time.perf_counter() - start) / len(timed)
     for i in untimed_after:
-        step(*mlp.make_batch(settings, i, device))
+        step(*models.make_batch(settings, i, device))
     return seconds
 
 
@@ -52,10 +50,10 @@ def compare_loops(build, rounds, json_path, settings, group):
     reported, plain, driver_wall, bare_wall = [], [], [], []
     for _ in range(rounds):
         start = time.perf_counter()
-        trace = metrics.run_steps(settings, group.device, measured.step,
+        trace = harness.run_steps(settings, group.device, measured.step,
                                   measured.params.values(), measured.timeline)
         driver_wall.append(time.perf_counter() - start)
-        reported.append(statistics.mean(metrics.timed_steps(trace.times)))
+        reported.append(statistics.mean(harness.timed_steps(trace.times)))
         start = time.perf_counter()
         plain.append(bare_loop(settings, group.device, bare.step))
         bare_wall.append(time.perf_counter() - start)
@@ -81,14 +79,16 @@ def main(argv=None):
         prog="partlab.bench_overhead", add_help=False,
         description="The driver's step loop vs a bare loop of the same strategy. Other flags "
                     "go to the strategy's driver.")
-    own.add_argument("--strategy", choices=DRIVERS, default="manual")
+    own.add_argument("--strategy", choices=strategies.BY_KEY, default="tp-manual",
+                     help="a key of partlab/strategies.py")
     own.add_argument("--rounds", type=int, default=5, help="driver/bare loop pairs")
     own.add_argument("--json", metavar="PATH", help="rank 0 writes the result here")
     args, rest = own.parse_known_args(sys.argv[1:] if argv is None else argv)
-    driver = importlib.import_module(f"partlab.{DRIVERS[args.strategy]}")
+    entry = strategies.get(args.strategy)
+    driver: Driver = importlib.import_module(entry.module)
     work = functools.partial(compare_loops, driver.build, args.rounds, args.json)
-    return distributed.run(driver.parser(), driver.validate, work, rest)
+    return distributed.run(driver.parser(), driver.validate, work, [*entry.flags, *rest])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.exit_process(main())

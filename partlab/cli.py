@@ -24,9 +24,11 @@ def main(argv=None):
                                          "memory, overhead, all; op: the fused op (`partlab "
                                          "bench step --help`)", add_help=False)
     from partlab.bench import SWEEPS
-    bench.add_argument("what", choices=(*SWEEPS, "all", "op"),
+    bench.add_argument("what", choices=(*SWEEPS, "all", "op", "list"),
                        help="a sweep (partlab/bench.py) or op: the fused linear+bias+activation "
-                            "op (partlab/bench_op.py)")
+                            "op (partlab/bench_op.py); list (or nothing): list them")
+    if argv[:1] == ["bench"] and (len(argv) == 1 or argv[1].startswith("-")):
+        argv = ["bench", "list", *argv[1:]]      # no sweep named: list them, whatever follows
 
     args, rest = p.parse_known_args(argv)
     try:
@@ -37,6 +39,13 @@ def main(argv=None):
         if args.command == "env":
             from partlab import environment
             return environment.main()
+        if args.what == "list":
+            from partlab import bench
+            print(bench.list_sweeps())
+            if rest:
+                raise UsageError(f"name a sweep before {rest[0]}: e.g. partlab bench all "
+                                 + " ".join(rest))
+            return 0
         if args.what == "op":
             from partlab import bench_op
             return bench_op.main(rest)

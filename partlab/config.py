@@ -24,7 +24,7 @@ class Settings:
     hidden_dim: int = 2048
     num_classes: int = 10
     steps: int = 5
-    layers: int = 2
+    layers: int | None = None      # None: the driver's default (partition.default_layers)
     activation: str = "relu"
     lr: float = 0.03
     seed: int = 0
@@ -41,8 +41,13 @@ class Settings:
     timeline: str | None = None
     # pipeline x tensor parallel only (None elsewhere)
     tp: int | None = None
+    tp_impl: str | None = None
     # manual TP only
     fused: bool = True
+
+    def with_default_layers(self, layers):
+        """These settings with --layers filled in where the user gave none."""
+        return self if self.layers is not None else dataclasses.replace(self, layers=layers)
 
 
 DEFAULTS = Settings()
@@ -58,7 +63,8 @@ def make_parser(prog, description):
     p.add_argument("--num-classes", type=int, default=d.num_classes, help="output classes")
     p.add_argument("--steps", type=int, default=d.steps, help="training steps (SGD)")
     p.add_argument("--layers", type=int, default=d.layers,
-                   help="linear layers in the MLP (2 = the handout's MLP; TP needs an even count)")
+                   help="linear layers in the MLP (default 2, the handout's MLP, or one per "
+                        "pipeline stage when there are more stages; TP needs an even count)")
     p.add_argument("--activation", choices=("relu", "gelu"), default=d.activation,
                    help="activation after every layer but the last (gelu: tanh approximation)")
     p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")

@@ -1,10 +1,10 @@
 """Counting what a step does, from inside: the communication ops the dispatcher sees (count and
-bytes) and the activations autograd saves for backward. partlab/metrics.py runs them on a run's
+bytes) and the activations autograd saves for backward. partlab/harness.py runs them on a run's
 last step."""
 import collections
+import sys
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Dispatcher op name -> what the table calls it. c10d ops come from torch.distributed calls;
@@ -83,7 +83,10 @@ class ActivationMeter(torch.autograd.graph.saved_tensors_hooks):
 
     @staticmethod
     def local(t):
-        return t._local_tensor if isinstance(t, DTensor) else t
+        """A DTensor's local shard, else t. DTensor is looked up, not imported: a run that never
+        loaded it (manual TP, the pipeline) has none, and importing it costs ~0.5 s a process."""
+        dtensor = sys.modules.get("torch.distributed.tensor")
+        return t._local_tensor if dtensor and isinstance(t, dtensor.DTensor) else t
 
     def pack(self, tensor):
         local = self.local(tensor)

@@ -7,16 +7,19 @@ hanging (the process-group timeout, `--timeout`).
 """
 import dataclasses
 import datetime
+import importlib.util
 import os
 import re
 import socket
 import sys
+import time
 import traceback
 import zlib
 
 import torch
 import torch.distributed as dist
 
+from partlab import model as models
 from partlab.config import UsageError, parse, require
 
 
@@ -94,12 +97,39 @@ def pin_to_own_cores(launch):
         os.sched_setaffinity(0, cores[launch.local_rank * share:(launch.local_rank + 1) * share])
 
 
+def available_bytes(device, launch):
+    """What one process may use: the GPU's free memory, or this node's available RAM shared by
+    its processes (None where it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return kib * 1024 // launch.local_world_size
+
+
+def check_memory(settings, device, launch):
+    """Refuse, in one line, sizes that cannot fit, before anything is allocated."""
+    need, have = models.bytes_needed(settings), available_bytes(device, launch)
+    n = launch.local_world_size
+    where = f"GPU {device.index}" if device.type == "cuda" else \
+        "this node" if n == 1 else f"each of this node's {n} processes"
+    require(have is None or need <= have,
+            f"the model needs at least {need / 2**30:,.1f} GiB per process (full weights from the "
+            f"seed and the reference's weights and gradients) but {where} has "
+            f"{have / 2**30:,.1f} GiB available: lower --hidden-dim, --input-dim, --layers or "
+            "--batch-size")
+
+
 def init(settings, launch):
     device, backend = choose_device(settings, launch)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
         pin_to_own_cores(launch)
+    check_memory(settings, device, launch)
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=settings.timeout),
                                 device_id=device if device.type == "cuda" else None)
@@ -127,17 +157,17 @@ def verify_same_settings(settings, group):
 
 
 def run(parser, validate, work, argv=None):
-    """A driver's whole life: parse, validate, join the group, check flags agree, then
-    work(settings, group) -> exit status (train and report: metrics.train_and_report).
+    """A driver's whole life: parse, validate (which returns the settings with the driver's
+    defaults filled in), join the group, check flags agree, then work(settings, group) -> exit
+    status (train and report: report.train_and_report).
 
     Exit status: 0 ok, 1 failed (deviation beyond tolerance under --check, or a collective
-    error such as a timeout), 2 a usage mistake (reported in one line, once per node).
-    Returns only when no process group was created; otherwise it ends the process itself.
+    error such as a timeout), 2 a usage mistake (reported in one line, once per node). A driver
+    run as a program ends through exit_process.
     """
     launch = launch_env()
     try:
-        settings = parse(parser, argv)
-        validate(settings, launch)
+        settings = validate(parse(parser, argv), launch)
         check_outputs(settings, launch)
         group = init(settings, launch)
     except UsageError as e:
@@ -146,9 +176,8 @@ def run(parser, validate, work, argv=None):
         verify_same_settings(settings, group)
         status = work(settings, group)
         dist.barrier()  # leave together: a rank that tears down early can abort gloo peers
-        dist.destroy_process_group()
     except UsageError as e:
-        status = usage_error(e, launch)
+        return usage_error(e, launch)
     except (dist.DistError, RuntimeError) as e:
         failure = collective_failure(e)
         if failure is None:
@@ -156,18 +185,23 @@ def run(parser, validate, work, argv=None):
         print(f"partlab: error: rank {launch.rank}: {failure}\npartlab: another rank crashed, "
               "hung or was launched differently; its own output says why (raise --timeout if "
               "it is only slow)", file=sys.stderr, flush=True)
-        status = 1
-    # Skip interpreter finalization once a process group has existed: gloo's worker threads
-    # can abort a finished process while Python tears down ("terminate called without an
-    # active exception", seen here under heavy load; see pytorch/pytorch#179291). Everything
-    # is written and flushed by now.
+        return 1
+    dist.destroy_process_group()
+    return status
+
+
+def exit_process(status):
+    """End a driver's process with `status`, skipping interpreter finalization: once a process
+    group has existed, gloo's worker threads can abort a finished process while Python tears
+    down ("terminate called without an active exception", seen under heavy load; see
+    pytorch/pytorch#179291). Everything is written and flushed first."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
 
 
 def collective_failure(error):
-    """'all_reduce failed in tensor_parallel_manual.py:43 (forward): <torch's reason>' when
+    """'all_reduce failed in tp_layers.py:42 (forward): <torch's reason>' when
     `error` was raised inside a torch.distributed collective, else None."""
     frames = traceback.extract_tb(error.__traceback__)
     comm = [f for f in frames if f.filename.endswith(("distributed_c10d.py",
@@ -191,9 +225,16 @@ def check_outputs(settings, launch):
         require(folder is None or (os.path.isdir(folder) and os.access(folder, os.W_OK)),
                 f"{flag} {path}: {folder} is not a writable directory: create it or write "
                 "somewhere else")
+    require(not settings.timeline or importlib.util.find_spec("matplotlib"),
+            "--timeline draws with matplotlib, which is not installed: pip install matplotlib")
 
 
 def usage_error(error, launch):
+    """Local rank 0 reports the mistake (every rank found it). The others wait a moment before
+    exiting: torchrun stops a node's processes when one exits non-zero, and on a loaded machine
+    it could stop rank 0 before it has printed."""
     if launch.local_rank == 0:
         print(f"partlab: error: {error}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(1)
     return 2

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import partlab
 from partlab import lab
 
-FIX_TORCH = f"pip install torch=={partlab.PINNED_TORCH} (or run scripts/lab.sh)"
+FIX_TORCH = f"pip install '{partlab.TORCH_REQUIREMENT}' (or run scripts/lab.sh)"
 FIX_EXTENSION = "pip install --no-build-isolation -e . (or run scripts/lab.sh)"
 
 

@@ -5,8 +5,8 @@ Steps, each ok / FAILED / skipped (with the reason) in the record:
   op tests    pytest tests/test_ops.py: the CPU tests always, the `cuda` ones on a GPU
   bench op    partlab bench op in bf16 at the lab shape, 8192x4096->4096 and 16384x64->1024
   gemm        a bf16 8192^3 matmul's TFLOP/s next to the device's peak
-  drivers     every driver on CUDA with --check: `partlab lab` on NCCL with >= 2 GPUs, else
-              each driver as a world of one process
+  drivers     every strategy of partlab/strategies.py on CUDA with --check: `partlab lab` on
+              NCCL with >= 2 GPUs, else each as a world of one process
   all_reduce  bus bandwidth of a 256 MiB all_reduce, with >= 2 GPUs
 Writes DIR/gpu-check-<date>-<device>.json and .md. Without a GPU the GPU steps are skipped and
 the exit status says only whether the build and the CPU side passed.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from partlab import bench_op, ops
+from partlab import bench_op, ops, strategies
 
 # Dense bf16 tensor-core peaks (TFLOP/s, SXM datasheets) to put the measured GEMM next to.
 BF16_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "V100": 125}
@@ -95,7 +95,9 @@ def gemm_tflops():
             "share_of_peak": round(tflops / peak, 3) if peak else None}
 
 
-def drivers(src, gpus, out_dir, device="cuda"):
+def drivers(src, gpus, out_dir, device="cuda", keys=None):
+    """Every registry strategy with --check: the lab on >= 2 GPUs, else each on a world of one
+    (keys: only these, as the CPU test of this step does)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     if gpus >= 2:
         cmd = [sys.executable, "-m", "partlab", "lab", "--out", str(out_dir), "--steps", "10"]
@@ -103,14 +105,14 @@ def drivers(src, gpus, out_dir, device="cuda"):
         return {"status": "ok" if ok else "FAILED", "seconds": secs, "command": " ".join(cmd),
                 "output": tail}
     runs = {}
-    for module, extra in [("tensor_parallel_native", []), ("tensor_parallel_manual", []),
-                          ("tensor_parallel_manual", ["--no-fused"]), ("pipeline", []),
-                          ("pipeline", ["--schedule", "1f1b"])]:
-        cmd = torchrun + ["--nproc_per_node", "1", "-m", f"partlab.{module}", "--device",
-                          device, "--check", "--steps", "10", *extra]
+    for entry in strategies.STRATEGIES:
+        if entry.min_processes > 1 or (keys and entry.key not in keys):
+            continue
+        cmd = torchrun + ["--nproc_per_node", "1", *entry.command(), "--device", device,
+                          "--check", "--steps", "10"]
         ok, secs, tail = run(cmd, src, timeout=300)
         step = re.search(r"step time ([\d.]+) ms", tail)
-        runs[" ".join([module, *extra])] = {
+        runs[entry.key] = {
             "status": "ok" if ok else "FAILED", "seconds": secs,
             "step_ms": float(step.group(1)) if step else None, **({} if ok else {"output": tail})}
     failed = any(r["status"] != "ok" for r in runs.values())
@@ -157,7 +159,7 @@ def provenance(root):
     rev = (git.stdout.strip() if git else "") or os.environ.get("PARTLAB_REVISION")
     smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                          capture_output=True, text=True) if shutil.which("nvidia-smi") else None
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "host": platform.node(), "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.version.cuda,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

@@ -4,7 +4,10 @@ one table (written as JSON with provenance under --out).
 Each strategy runs as its own `torchrun --standalone` job, exactly as a user would launch it, on
 every GPU when there are at least two, else on two CPU processes with gloo.
 """
+import contextlib
 import datetime
+import importlib
+import io
 import json
 import os
 import platform
@@ -16,26 +19,20 @@ import time
 import torch
 
 import partlab
-from partlab.config import UsageError
-
-# (row name, driver module, extra flags)
-STRATEGIES = [
-    ("tensor_parallel_native", "partlab.tensor_parallel_native", []),
-    ("tensor_parallel_manual", "partlab.tensor_parallel_manual", ["--fused"]),
-    ("tensor_parallel_manual unfused", "partlab.tensor_parallel_manual", ["--no-fused"]),
-    ("pipeline gpipe", "partlab.pipeline", ["--schedule", "gpipe"]),
-    ("pipeline 1f1b", "partlab.pipeline", ["--schedule", "1f1b"]),
-    ("pipeline interleaved-1f1b", "partlab.pipeline", ["--schedule", "interleaved-1f1b"]),
-    ("pipeline zero-bubble", "partlab.pipeline", ["--schedule", "zero-bubble"]),
-]
+from partlab.config import UsageError, parse
+from partlab.distributed import Launch
+from partlab.harness import Driver
+from partlab.report import write_json
+from partlab.strategies import BY_KEY, STRATEGIES
 
 
 def add_arguments(p):
     p.add_argument("--out", default="results", help="directory for lab-<timestamp>.json")
     p.add_argument("--nproc", type=int, default=None,
                    help="processes per strategy (default: the GPUs if at least 2, else 2 CPUs)")
-    p.add_argument("--only", action="append", metavar="NAME",
-                   help="run only strategies whose name contains NAME (repeatable)")
+    p.add_argument("--only", action="append", metavar="KEY",
+                   help="run only the strategy KEY, or those whose key contains it "
+                        "(repeatable; keys: " + ", ".join(s.key for s in STRATEGIES) + ")")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="passed to every driver (auto: GPUs when there are at least 2)")
 
@@ -93,9 +90,11 @@ def failure_lines(proc):
             if line.startswith("partlab:")] or output.splitlines()[-12:]
 
 
-def run_strategy(module, nproc, flags, json_path):
+def run_strategy(entry, nproc, flags, json_path):
+    """One run of a registry entry as a user launches it: torchrun, --json, --check."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node", str(nproc), "-m", module, *flags, "--json", json_path, "--check"]
+           "--nproc_per_node", str(nproc), *entry.command(), *flags, "--json", json_path,
+           "--check"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return cmd, proc, time.perf_counter() - start
@@ -131,6 +130,29 @@ def aligned(rows):
     return "\n".join(lines)
 
 
+def selects(only, key):
+    """--only KEY: that strategy when KEY is one, else every key containing it (e.g. pipeline)."""
+    return only == key if only in BY_KEY else only in key
+
+
+def precheck(chosen, nproc, driver_flags):
+    """Each driver's own validation, here, before anything is launched: a layout that nproc
+    processes cannot run stops the lab in one line per distinct reason."""
+    launch = Launch(rank=0, world_size=nproc, local_rank=0, local_world_size=nproc)
+    refusals = {}
+    for entry in chosen:
+        driver: Driver = importlib.import_module(entry.module)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):   # warnings: the run prints them
+                driver.validate(parse(driver.parser(), [*entry.flags, *driver_flags]), launch)
+        except UsageError as e:
+            refusals.setdefault(str(e), []).append(entry.key)
+    if refusals:
+        lines = [f"{', '.join(keys)} on --nproc {nproc}: {reason}"
+                 for reason, keys in refusals.items()]
+        raise UsageError("\npartlab: error: ".join(lines))
+
+
 def main(args, driver_flags):
     """Run the chosen strategies; driver_flags (e.g. --steps 5) go to every driver unchanged."""
     nproc, runs_on = choose_processes(args.nproc, args.device)
@@ -139,24 +161,31 @@ def main(args, driver_flags):
         # The interleaved pipelines need a layer for each of 2 stages per process and TP an
         # even count: give every strategy the same model so their rows compare.
         driver_flags = driver_flags + ["--layers", str(2 * nproc)]
-    chosen = [s for s in STRATEGIES if not args.only or any(o in s[0] for o in args.only)]
-    if not chosen:
+    matching = [s for s in STRATEGIES if not args.only or any(selects(o, s.key) for o in args.only)]
+    if not matching:
         raise UsageError(f"--only {args.only} matches none of: "
-                         + ", ".join(s[0] for s in STRATEGIES))
-    print(f"partlab lab: {len(chosen)} strategies on {runs_on}", flush=True)
+                         + ", ".join(s.key for s in STRATEGIES))
+    chosen = [s for s in matching if nproc >= s.min_processes]
+    skipped = [s.key for s in matching if nproc < s.min_processes]
+    if not chosen:
+        raise UsageError(f"{', '.join(skipped)} need more than --nproc {nproc} processes")
+    precheck(chosen, nproc, driver_flags)
+    print(f"partlab lab: {len(chosen)} strategies on {runs_on}"
+          + (f" ({', '.join(skipped)}: need more processes)" if skipped else ""), flush=True)
     records, commands, failed = [], [], []
+    width = max(len(entry.key) for entry in chosen)
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, module, extra) in enumerate(chosen):
+        for i, entry in enumerate(chosen):
             json_path = os.path.join(tmp, f"{i}.json")
-            cmd, proc, seconds = run_strategy(module, nproc, extra + driver_flags, json_path)
+            cmd, proc, seconds = run_strategy(entry, nproc, driver_flags, json_path)
             commands.append(cmd)
             if proc.returncode == 0:
                 with open(json_path) as f:
-                    records.append((name, json.load(f)))
-                print(f"  {name:<30} ok ({seconds:.1f} s)", flush=True)
+                    records.append((entry.key, json.load(f)))
+                print(f"  {entry.key:<{width}}  ok ({seconds:.1f} s)", flush=True)
             else:
-                failed.append(name)
-                print(f"  {name:<30} FAILED (exit {proc.returncode}, {seconds:.1f} s): "
+                failed.append(entry.key)
+                print(f"  {entry.key:<{width}}  FAILED (exit {proc.returncode}, {seconds:.1f} s): "
                       + "\n    ".join(failure_lines(proc)[-12:]), flush=True)
     if records:
         print()
@@ -166,7 +195,6 @@ def main(args, driver_flags):
     path = os.path.join(args.out, f"lab-{stamp}.json")
     result = {"provenance": provenance(nproc, runs_on), "commands": commands, "failed": failed,
               "runs": [dict(r, name=name) for name, r in records]}
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(result, path)
     print(f"\nwrote {path}")
     return 1 if failed else 0

@@ -79,8 +79,31 @@ def loss_fn(logits, target):
     return F.cross_entropy(logits.float(), target)
 
 
+def parameter_count(settings):
+    """Weights and biases of the full model."""
+    dims = [settings.input_dim] + [settings.hidden_dim] * (settings.layers - 1) \
+        + [settings.num_classes]
+    return sum(dims[i] * dims[i + 1] + dims[i + 1] for i in range(settings.layers))
+
+
+def bytes_needed(settings):
+    """A lower bound on what one process holds: the full model built from the seed in fp32
+    (every rank builds it before keeping its slice) and the reference's weights and gradients,
+    plus one step's activations of the reference. Used to refuse a size before allocating it."""
+    activations = settings.batch_size * (settings.input_dim + settings.num_classes
+                                         + settings.hidden_dim * (settings.layers - 1))
+    return 4 * (3 * parameter_count(settings) + 2 * activations)
+
+
+def describe(settings):
+    """The model in a few words, for a run's summary (settings: a record's settings dict)."""
+    s = settings
+    return f"MLP {s['input_dim']}-{s['hidden_dim']}-{s['num_classes']} ({s['layers']} layers)"
+
+
 def reference_step_fn(model, settings):
-    """One plain single-device SGD step: the behaviour every strategy must reproduce."""
+    """One plain SGD step: the behaviour every strategy must reproduce. The tensor-parallel
+    drivers train with it too, on their sharded model: only the model differs."""
     opt = torch.optim.SGD(model.parameters(), lr=settings.lr)
 
     def step(x, y):

@@ -1,8 +1,10 @@
 """Pipeline x tensor parallelism (2-D): pipeline stages whose layers are tensor-parallel.
 
 The processes form a (pp, tp) grid (a 2-D DeviceMesh): rank = pipeline_rank * tp + tp_index.
-  along tp  the --tp processes of one stage hold column/row shards of its layer pairs, exactly
-            as tensor_parallel_native.py does for the whole model (one all_reduce per pair)
+  along tp  the --tp processes of one stage hold column/row shards of its layer pairs (one
+            all_reduce per pair), with DTensor's plan as in tensor_parallel_native.py
+            (--tp-impl native) or with Megatron's f and g on the stage's own process group as in
+            tensor_parallel_manual.py (--tp-impl manual; plain PyTorch, not the fused op)
   along pp  the processes with the same tp_index form a pipeline, exactly as pipeline.py,
             sending each microbatch's activations (whole, replicated by the row layer's
             all_reduce) to the next stage
@@ -12,14 +14,23 @@ a node's fast links, PP across nodes; Narayanan et al. 2021).
 
 Run: torchrun --standalone --nproc_per_node 4 -m partlab.pipeline_tensor_parallel --tp 2
 """
+import dataclasses
 import functools
-import sys
 
-from partlab import distributed, metrics, missing_torch_feature
+from partlab import distributed, missing_torch_feature, report
 from partlab.config import add_pipeline_flags, make_parser, require
-from partlab.pipeline import build_pipeline, validate_schedule
-from partlab.tensor_parallel_manual import validate_sharding
-from partlab.tensor_parallel_native import local_shards, plan
+from partlab.harness import Strategy
+from partlab.partition import (
+    check_pipeline,
+    check_tensor_parallel,
+    default_layers,
+    dtensor_plan,
+    dtensor_shards,
+    warn_about_bubble,
+)
+from partlab.stages import build_pipeline
+from partlab.timeline import Timeline
+from partlab.tp_layers import ColumnRowParallelMLP
 
 try:
     from torch.distributed.device_mesh import init_device_mesh
@@ -35,24 +46,37 @@ def validate(settings, launch):
     require(launch.world_size % tp == 0,
             f"{launch.world_size} processes do not split into groups of --tp {tp}: run a "
             f"multiple of {tp} processes (e.g. torchrun --nproc_per_node {2 * tp})")
-    validate_sharding(settings, launch, ways=tp)
-    validate_schedule(settings, launch.world_size // tp, launch.local_rank, unit=2,
-                      processes_per_rank=tp)
+    pp = launch.world_size // tp
+    settings = settings.with_default_layers(default_layers(settings, pipeline_ranks=pp, unit=2))
+    check_tensor_parallel(settings, tp, ways_flag="--tp")
+    check_pipeline(settings, pp, unit=2, processes_per_rank=tp)
+    warn_about_bubble(settings, pp, launch.local_rank)
+    return settings
 
 
 def build(settings, group):
-    tp = settings.tp
+    tp, manual = settings.tp, settings.tp_impl == "manual"
     pp = group.world_size // tp
     mesh = init_device_mesh(group.device.type, (pp, tp), mesh_dim_names=("pp", "tp"))
     tp_mesh = mesh["tp"]
-    step, params, timeline, layout = build_pipeline(
-        settings, group, group.rank // tp, pp, process_group=mesh["pp"].get_group(), unit=2,
-        shard=lambda stage: parallelize_module(stage, tp_mesh, plan(stage)))
 
-    return metrics.Strategy(
-        f"pipeline_tensor_parallel_{settings.schedule}", step, *local_shards(params, tp_mesh),
-        loss_rank=(pp - 1) * tp, timeline=timeline,   # the last stage's first tp rank
-        extra={**layout, "tp": tp})
+    def shard(stage):
+        if manual:
+            return ColumnRowParallelMLP(stage, group=tp_mesh.get_group())
+        return parallelize_module(stage, tp_mesh, dtensor_plan(stage))
+
+    step, modules, stages, layout = build_pipeline(
+        settings, group, group.rank // tp, pp, process_group=mesh["pp"].get_group(), unit=2,
+        shard=shard)
+    params = {n: t for module in modules for n, t in module.named_parameters()}
+    if manual:
+        reference_slice = modules[0].reference_slice
+    else:
+        params, reference_slice = dtensor_shards(params, tp_mesh)
+    name = f"pipeline_tensor_parallel_{settings.schedule}" + ("_manual" if manual else "")
+    return Strategy(name, step, params, reference_slice,
+                    loss_rank=(pp - 1) * tp,            # the last stage's first tp rank
+                    timeline=Timeline(stages), layout=dataclasses.replace(layout, tp=tp))
 
 
 def parser():
@@ -61,13 +85,16 @@ def parser():
     add_pipeline_flags(p)
     p.add_argument("--tp", type=int, default=DEFAULT_TP,
                    help="tensor-parallel processes per stage (the rest form the pipeline)")
+    p.add_argument("--tp-impl", choices=("native", "manual"), default="native",
+                   help="tensor parallelism inside each stage: DTensor's plan (native) or "
+                        "Megatron's f and g by hand (manual)")
     return p
 
 
 def main(argv=None):
     return distributed.run(parser(), validate,
-                           functools.partial(metrics.train_and_report, build), argv)
+                           functools.partial(report.train_and_report, build), argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.exit_process(main())

@@ -5,64 +5,39 @@ A plan names each layer's style and DTensor does the rest:
   RowwiseParallel  weight Shard(1), bias Replicate: each rank computes a partial sum, and the
                    output is made Replicate by one all_reduce
 The backward all_reduce of the column layer's input gradient happens only when that input
-needs a gradient (every pair but the first). Compare tensor_parallel_manual.py, which writes
-the same communication by hand.
+needs a gradient (every pair but the first). The training step is the reference's own: only
+the model is sharded. Compare tensor_parallel_manual.py, which writes the same communication
+by hand.
 
 Run: torchrun --standalone --nproc_per_node 2 -m partlab.tensor_parallel_native
 """
 import functools
-import sys
 
-import torch
-
-from partlab import distributed, metrics, missing_torch_feature
-from partlab import model as mlp
+from partlab import distributed, missing_torch_feature, report
+from partlab import model as models
 from partlab.config import make_parser
-from partlab.tensor_parallel_manual import validate_sharding as validate
+from partlab.harness import Strategy
+from partlab.partition import check_tensor_parallel, default_layers, dtensor_plan, dtensor_shards
 
 try:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import distribute_tensor
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        parallelize_module,
-    )
+    from torch.distributed.tensor.parallel import parallelize_module
 except ImportError as e:
     raise SystemExit(missing_torch_feature("torch.distributed.tensor.parallel", e)) from None
 
 
-def plan(model):
-    """Even layers column-parallel, odd layers row-parallel: one all_reduce per pair."""
-    return {f"layers.{name}": ColwiseParallel() if int(name) % 2 == 0 else RowwiseParallel()
-            for name in model.layers}
+def validate(settings, launch):
+    settings = settings.with_default_layers(default_layers(settings))
+    check_tensor_parallel(settings, launch.world_size)
+    return settings
 
 
 def build(settings, group):
     mesh = init_device_mesh(group.device.type, (group.world_size,))
-    model = mlp.build_model(settings, group.device)
-    model = parallelize_module(model, mesh, plan(model))
-    opt = torch.optim.SGD(model.parameters(), lr=settings.lr)
-
-    def step(x, y):
-        opt.zero_grad(set_to_none=True)
-        loss = mlp.loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    return metrics.Strategy("tensor_parallel_native", step,
-                            *local_shards(dict(model.named_parameters()), mesh))
-
-
-def local_shards(params, mesh):
-    """DTensor parameters -> ({name: this rank's shard}, reference_slice(name, full)): the
-    reference sharded with each parameter's own placements. src_data_rank=None slices locally
-    instead of scattering from rank 0, so this is no collective."""
-    def reference_slice(name, full):
-        return distribute_tensor(full, mesh, params[name].placements, src_data_rank=None).to_local()
-
-    return {n: p.to_local() for n, p in params.items()}, reference_slice
+    model = models.build_model(settings, group.device)
+    model = parallelize_module(model, mesh, dtensor_plan(model))
+    return Strategy("tensor_parallel_native", models.reference_step_fn(model, settings),
+                    *dtensor_shards(dict(model.named_parameters()), mesh))
 
 
 def parser():
@@ -72,8 +47,8 @@ def parser():
 
 def main(argv=None):
     return distributed.run(parser(), validate,
-                           functools.partial(metrics.train_and_report, build), argv)
+                           functools.partial(report.train_and_report, build), argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.exit_process(main())

@@ -2,17 +2,17 @@
 # Shared set-up for scripts/lab.sh and scripts/test.sh (source it; idempotent).
 # Makes .venv, puts a suitable torch in it, installs partlab and builds its extension.
 # A torch that is already importable and new enough (a GPU machine, the container) is reused via
-# --system-site-packages; otherwise the torch pinned in partlab/__init__.py is installed.
+# --system-site-packages; otherwise the torch of constraints.txt is installed. Every pip install
+# here takes its versions from constraints.txt.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
-pinned=$(sed -n 's/^PINNED_TORCH = "\(.*\)"/\1/p' partlab/__init__.py)
 min=$(sed -n 's/^MIN_TORCH = (\([0-9]*\), \([0-9]*\))/\1.\2/p' partlab/__init__.py)
 suitable="import sys, torch; v = tuple(map(int, torch.__version__.split('+')[0].split('.')[:2])); \
 sys.exit(v < tuple(map(int, '$min'.split('.'))))"
 
 if ! command -v "$PYTHON" >/dev/null; then
-  echo "partlab: error: $PYTHON not found: install Python 3.10+ or set PYTHON=/path/to/python" >&2
+  echo "partlab: error: $PYTHON not found: install Python 3.11+ or set PYTHON=/path/to/python" >&2
   exit 1
 fi
 if [ ! -x .venv/bin/python ]; then
@@ -23,10 +23,10 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
   fi
 fi
-pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt)
 if ! .venv/bin/python -c "$suitable" 2>/dev/null; then
-  echo "partlab: installing torch==$pinned into .venv"
-  "${pip[@]}" "torch==$pinned"
+  echo "partlab: installing $(grep '^torch==' constraints.txt) into .venv"
+  "${pip[@]}" torch
 fi
 "${pip[@]}" setuptools wheel ninja
 echo "partlab: installing partlab and building its extension (pip install --no-build-isolation -e .)"

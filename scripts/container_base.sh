@@ -17,14 +17,14 @@
 #        PODMAN            podman command with its global flags (default: podman), e.g.
 #                          "podman --root DIR --runroot DIR --storage-driver overlay"
 #        DEBIAN_MIRROR     apt mirror (default: the first deb.debian.org-style URI in apt sources)
-#        TORCH_SPEC        the torch requirement (default: torch==2.13.0+cpu)
+#        TORCH_SPEC        the torch requirement (default: constraints.txt's torch, +cpu)
 set -euo pipefail
 
 here="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname -- "$here")"
 PYTHON="${PYTHON:-$repo/.venv/bin/python}"
 PARTLAB_CACHE="${PARTLAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/partlab}"
-TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0+cpu}"
+TORCH_SPEC="${TORCH_SPEC:-$(grep '^torch==' "$repo/constraints.txt")+cpu}"
 SUITE=bookworm
 read -r -a podman <<< "${PODMAN:-podman}"
 
@@ -54,14 +54,13 @@ for name in names:
         pass
 EOF
 )"
-# numpy, setuptools, ninja, matplotlib: the exact pins of docker/Dockerfile's pip step (it
-# installs them; matplotlib's own dependencies come along unpinned, as pip resolves them).
-dockerfile_pins="$(grep -oE '\b(numpy|setuptools|ninja|matplotlib)==[^ \\]+' "$repo/docker/Dockerfile" \
-  | sort -u)"
-[ "$(echo "$dockerfile_pins" | wc -l)" = 4 ] \
-  || die "expected numpy==, setuptools==, ninja==, matplotlib== pins in docker/Dockerfile, found: $dockerfile_pins"
+# numpy, setuptools, ninja, matplotlib: the pins of constraints.txt, which docker/Dockerfile's pip
+# step installs (matplotlib's own dependencies come along unpinned, as pip resolves them).
+image_pins="$(grep -E '^(numpy|setuptools|ninja|matplotlib)==' "$repo/constraints.txt" | sort)"
+[ "$(echo "$image_pins" | wc -l)" = 4 ] \
+  || die "expected numpy==, setuptools==, ninja==, matplotlib== pins in constraints.txt, found: $image_pins"
 constraints="$constraints
-$dockerfile_pins"
+$image_pins"
 
 key="$( { cat "${BASH_SOURCE[0]}"; echo "$constraints"; echo "$TORCH_SPEC $DEBIAN_MIRROR"; } \
   | sha256sum | cut -c1-16)"

@@ -1,7 +1,7 @@
 """A real, throwaway Slurm for the tests: munged, slurmctld and two slurmd daemons on this machine.
 
-The two slurmd processes emulate two nodes, n1 and n2, both on 127.0.0.1 (each on its own port,
-as notes/ENVIRONMENT.md describes), so `--nodes=2` jobs and torchrun's c10d rendezvous across
+The two slurmd processes emulate two nodes, n1 and n2, both on 127.0.0.1 (each on its own port:
+Slurm's multiple-slurmd mode), so `--nodes=2` jobs and torchrun's c10d rendezvous across
 "nodes" run for real. Configuration, state, spool, sockets and logs live under one temporary
 directory; the daemons run in the foreground as children of the test process and are stopped by
 their saved PIDs (SIGTERM, then SIGKILL), never by name. Nothing outside the directory is changed
@@ -158,7 +158,7 @@ class SlurmCluster:
                 try:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
-                    proc.kill()      # slurmd may ignore SIGTERM (notes/ENVIRONMENT.md)
+                    proc.kill()      # slurmd may ignore SIGTERM
                     proc.wait(10)
         self.procs.clear()
 

@@ -22,7 +22,7 @@ def settings(**kw):
 def test_tp_comm_by_hand():
     # 2 layers (the handout's MLP): one forward all_reduce of the logits, 64 x 10 fp32; the
     # first pair's backward needs none (the input needs no gradient).
-    assert bench.tp_comm(settings()) == {"all_reduce": {"count": 1, "bytes": 64 * 10 * 4}}
+    assert bench.tp_comm(settings(layers=2)) == {"all_reduce": {"count": 1, "bytes": 64 * 10 * 4}}
     # 4 layers, batch 32, 64-128-10: forward 32x128 (pair 1's row layer) + 32x10 (pair 2's);
     # backward 32x128 (pair 2's column input): 8512 elements.
     s = settings(batch_size=32, input_dim=64, hidden_dim=128, layers=4)
@@ -60,9 +60,10 @@ def test_missing_matplotlib_is_one_line(monkeypatch, capsys, tmp_path):
          "installed: pip install matplotlib")]
 
 
-def test_bad_sizes_are_rejected():
-    proc, _ = run([*PARTLAB, "bench", "comm", "--hidden-dims", "512,x"])
-    assert proc.returncode == 2 and "expected integers like 512,1024" in proc.stdout
+def test_bad_sizes_are_rejected(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "comm", "--hidden-dims", "512,x"])
+    assert exit_.value.code == 2 and "expected integers like 512,1024" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,6 @@ def quick(tmp_path_factory):
                               for s in bench.SWEEPS}
 
 
-@pytest.mark.slow
 def test_every_sweep_writes_json_and_png(quick):
     out, stdout, results = quick
     for sweep, result in results.items():
@@ -90,7 +90,6 @@ def test_every_sweep_writes_json_and_png(quick):
     assert all(Path(t).read_bytes().startswith(PNG) for t in timelines if t.endswith(".png"))
 
 
-@pytest.mark.slow
 def test_comm_measured_equals_analytic(quick):
     rows = quick[2]["comm"]["results"]
     assert {r["strategy"] for r in rows} == {"native TP", "manual TP fused", "pipeline gpipe"}
@@ -99,7 +98,6 @@ def test_comm_measured_equals_analytic(quick):
         assert r["ratio"] == 1.0 and r["count"] > 0, r
 
 
-@pytest.mark.slow
 def test_bubble_theory_is_the_formula(quick):
     rows = quick[2]["bubble"]["results"]
     assert {r["schedule"] for r in rows} == {"gpipe", "1f1b", "interleaved-1f1b", "zero-bubble"}
@@ -113,23 +111,22 @@ def test_bubble_theory_is_the_formula(quick):
             assert 0.9 * r["theory"] <= r["measured"] < 1, r
 
 
-@pytest.mark.slow
 def test_memory_1f1b_keeps_fewer_activations(quick):
+    # GPipe holds every microbatch's activations until the backwards start; 1F1B at most p on
+    # rank 0: m/p times fewer (2x at m = 4, p = 2), up to what both keep besides.
     rows = quick[2]["memory"]["results"]
     largest = max(rows, key=lambda r: r["microbatches"])
     assert largest["microbatches"] > largest["nproc"]
-    assert largest["gpipe_activation_mib"][0] > largest["1f1b_activation_mib"][0]
+    assert largest["ratio"][0] > 0.75 * largest["expected_ratio_rank0"], largest
 
 
-@pytest.mark.slow
 def test_step_has_a_point_per_strategy_and_width(quick):
     result = quick[2]["step"]
     points = [(r["strategy"], r["hidden_dim"]) for r in result["results"]]
-    names = ["reference"] + [name for name, _, _ in bench.TP]
+    names = ["reference"] + [entry.label for entry in bench.TP]
     assert sorted(points) == sorted((n, h) for n in names for h in result["sizes"]["hidden_dims"])
 
 
-@pytest.mark.slow
 def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path):
     # 32 samples do not split into 3 microbatches: both runs fail, each with the driver's line.
     proc, _ = run([*PARTLAB, "bench", "memory", "--quick", "--microbatches", "3",
@@ -142,7 +139,6 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path):
     assert proc.stdout.count("FAILED") == 2
 
 
-@pytest.mark.slow
 def test_overhead_runs_each_strategy_against_a_bare_loop(quick):
     result = quick[2]["overhead"]
     assert [r["strategy"] for r in result["results"]] == [

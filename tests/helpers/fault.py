@@ -11,7 +11,8 @@ import sys
 import time
 
 import partlab.model
-import partlab.tensor_parallel_manual as manual
+import partlab.tp_layers
+from partlab.distributed import exit_process
 
 mode, module, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 rank = int(os.environ["RANK"])
@@ -28,5 +29,6 @@ def faulty_make_batch(settings, step, device):
 
 partlab.model.make_batch = faulty_make_batch
 if mode == "skip-reduce":
-    manual.ReduceFromTensorParallel.forward = staticmethod(lambda ctx, partial: partial)
-sys.exit(importlib.import_module(module).main(argv))
+    partlab.tp_layers.ReduceFromTensorParallel.forward = staticmethod(
+        lambda ctx, partial, group: partial)
+exit_process(importlib.import_module(module).main(argv))

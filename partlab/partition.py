@@ -1,0 +1,114 @@
+"""How the model is cut, for every strategy: the column/row plan of tensor parallelism, the slice
+of each reference parameter that a rank holds, the layers each pipeline stage owns, and the rules
+that a layout must satisfy (checked before any process group exists).
+
+Tensor parallelism pairs layers (Megatron-LM, Shoeybi et al. 2019): layer 0, 2, ... is
+column-parallel (weight rows and bias split: each rank owns hidden/t outputs), layer 1, 3, ...
+row-parallel (weight columns split, bias replicated: each rank owns a partial sum). Pipeline stages
+own contiguous layers; rank r of p holds stages r, r+p, ... (the interleaved placement).
+"""
+import sys
+
+from partlab.config import INTERLEAVED, require
+from partlab.timeline import theory
+
+
+def layer_index(name):
+    """'layers.3.weight' -> 3."""
+    return int(name.split(".")[1])
+
+
+def is_column_parallel(name):
+    """Even layers are column-parallel, odd layers row-parallel."""
+    return layer_index(name) % 2 == 0
+
+
+def tp_slice(name, full, rank, ways):
+    """Tensor-parallel rank `rank`'s part of the reference parameter `full` called `name`."""
+    if is_column_parallel(name):
+        return full.chunk(ways, dim=0)[rank]       # weight rows and bias: this rank's outputs
+    if name.endswith("weight"):
+        return full.chunk(ways, dim=1)[rank]       # weight columns: this rank's inputs
+    return full                                    # row-parallel bias: replicated
+
+
+def dtensor_plan(model):
+    """The same plan in DTensor's terms, for parallelize_module: one all_reduce per pair.
+
+    DTensor is imported here, not above, so that manual TP never loads it."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    return {f"layers.{name}": ColwiseParallel() if int(name) % 2 == 0 else RowwiseParallel()
+            for name in model.layers}
+
+
+def dtensor_shards(params, mesh):
+    """DTensor parameters -> ({name: this rank's shard}, reference_slice(name, full)): the
+    reference sharded with each parameter's own placements. src_data_rank=None slices locally
+    instead of scattering from rank 0, so this is no collective."""
+    from torch.distributed.tensor import distribute_tensor
+
+    def reference_slice(name, full):
+        return distribute_tensor(full, mesh, params[name].placements, src_data_rank=None).to_local()
+
+    return {n: p.to_local() for n, p in params.items()}, reference_slice
+
+
+def stage_layers(num_layers, stage, num_stages, unit=1):
+    """The layers stage `stage` owns: an even, contiguous share of the model's units (single
+    layers, or column/row pairs when the stage is also tensor-parallel)."""
+    units = num_layers // unit
+    return range(stage * units // num_stages * unit, (stage + 1) * units // num_stages * unit)
+
+
+def stage_ids(rank, ranks, virtual_stages):
+    """The stages pipeline rank `rank` holds: r, r+p, r+2p, ... (the interleaved placement)."""
+    return [rank + k * ranks for k in range(virtual_stages)]
+
+
+def default_layers(settings, pipeline_ranks=1, unit=1):
+    """--layers when the user gave none: the handout's 2, or enough for every stage to own a unit
+    (a layer; a column/row pair when the stages are tensor-parallel), so the handout's commands
+    run on any number of processes."""
+    return max(2, pipeline_ranks * (settings.virtual_stages or 1) * unit)
+
+
+def check_tensor_parallel(settings, ways, ways_flag="--nproc_per_node"):
+    """What a tensor-parallel MLP needs: whole column/row pairs and a width that divides."""
+    require(settings.layers % 2 == 0,
+            f"--layers {settings.layers}: tensor parallelism pairs a column- with a row-parallel "
+            "layer, so use an even number of layers")
+    require(settings.hidden_dim % ways == 0,
+            f"--hidden-dim {settings.hidden_dim} is not divisible by {ways} processes: "
+            f"use a multiple of {ways} or change {ways_flag}")
+
+
+def check_pipeline(settings, ranks, unit=1, processes_per_rank=1):
+    """What any pipeline needs: a unit per stage, whole microbatches, and the schedule's own
+    constraints. ranks: pipeline ranks, each of processes_per_rank processes (the 2-D mode's
+    --tp)."""
+    p, m, v = ranks, settings.microbatches, settings.virtual_stages
+    require(settings.stages in (None, p),
+            f"--stages {settings.stages} but {p} pipeline ranks: --stages must equal them, so "
+            f"run {(settings.stages or p) * processes_per_rank} processes "
+            "(torchrun --nproc_per_node)")
+    require(settings.layers // unit >= p * v,
+            f"--layers {settings.layers} cannot make {p * v} stages ({p} ranks x {v} virtual "
+            f"stages) of at least {unit} layer(s): use --layers {p * v * unit} or more")
+    require(settings.batch_size % m == 0,
+            f"--batch-size {settings.batch_size} is not divisible by --microbatches {m}: "
+            f"use a multiple of {m}")
+    require(settings.schedule != "1f1b" or m >= p,
+            f"--schedule 1f1b needs --microbatches >= stages ({m} < {p}): raise --microbatches")
+    require(settings.schedule not in INTERLEAVED or m < p or m % p == 0,
+            f"--schedule {settings.schedule} runs microbatches in rounds of {p}: use "
+            f"--microbatches {p * max(1, m // p)} (a multiple of {p}) or fewer than {p}")
+
+
+def warn_about_bubble(settings, ranks, local_rank):
+    """Fewer microbatches than stages is allowed but mostly idle: say so, once per node."""
+    p, m, v = ranks, settings.microbatches, settings.virtual_stages
+    if m < p and local_rank == 0:
+        print(f"partlab: warning: --microbatches {m} < {p} stages: each stage idles for "
+              f"{theory(p, m, v):.0%} of a step (the bubble, (p-1)/(v*m+p-1)); "
+              f"use --microbatches {p} or more", file=sys.stderr, flush=True)

@@ -1,0 +1,235 @@
+"""The report of a run: train the single-device reference beside the strategy, compare them,
+and turn what every rank measured into one typed record that rank 0 prints and writes (--json).
+"""
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+import torch.distributed as dist
+
+from partlab import model as models
+from partlab import timeline as pipeline_timeline
+from partlab.config import DEFAULTS
+from partlab.harness import peak_memory_mib, run_steps, timed_steps
+
+# Tolerances against the reference (max abs difference after all steps).
+# fp32: sharding reorders sums (TP splits each dot product into world-size partial sums joined
+# by all_reduce; the pipeline splits the batch mean into microbatch means). Each reordering moves
+# a result by a few ulps (~1e-7 relative); after 5 SGD steps losses agree to ~2e-7 and
+# parameters to ~1e-8. Rarely a pre-activation lies within rounding of 0 and its ReLU flips
+# between the two runs: that unit's gradient then differs by a whole term, and over 20 steps at
+# --hidden-dim 4096 a weight moved 1.7e-5 (losses still within 5e-7). Hence 1e-5 for losses,
+# 1e-4 for parameters: both 8x or more below what a real bug produces (manual TP without its
+# forward all_reduce: |dloss| 8.6e-3, |dparam| 7.8e-4 after 3 steps of the tests' small MLP).
+# bf16: 8 mantissa bits (eps 7.8e-3), so one reordered rounding moves a value by ~4e-3
+# relative; losses (~2.3) may differ by a few 1e-2 and weights (|w| < 0.05) by ~1e-3.
+TOLERANCE = {"fp32": {"loss": 1e-5, "param": 1e-4}, "bf16": {"loss": 5e-2, "param": 5e-3}}
+
+
+@dataclasses.dataclass
+class Bubble:
+    """A pipeline's idle share of a step, measured from its timeline, beside the theory."""
+
+    measured: float                # median over the timed steps
+    theory: float | None           # (p-1)/(v*m+p-1); None for zero-bubble
+    steps: list[int]               # the timed steps (1-based)
+    per_step: list[float]
+    per_rank: list[float]
+    files: list[str] | None        # --timeline PNG and Chrome trace
+
+
+@dataclasses.dataclass
+class Record:
+    """One run, as rank 0 prints it and writes it with --json. Per-rank fields are lists
+    indexed by rank; comm_* map a collective's name to its count (or bytes) per step."""
+
+    strategy: str
+    world_size: int
+    backend: str
+    device: str
+    dtype: str
+    losses: list[float]
+    reference_losses: list[float]
+    max_abs_dloss: float
+    max_abs_dparam: float
+    tolerance: dict[str, float]
+    ok: bool
+    step_time_s: float
+    reference_step_time_s: float
+    samples_per_s: float
+    peak_memory_mib: list[float]
+    peak_activation_mib: list[float | None]
+    comm_per_step: list[dict[str, int]]
+    comm_in_backward: list[dict[str, int]]
+    comm_bytes_per_step: list[dict[str, int]]
+    settings: dict
+    pipeline_ranks: int | None = None
+    stage_layers: list[list[int]] | None = None
+    tp: int | None = None
+    bubble: Bubble | None = None
+
+    def to_json(self):
+        return dataclasses.asdict(self)
+
+
+def train_and_report(build, settings, group):
+    """A driver's work (distributed.run): build(settings, group) -> Strategy, train it under the
+    harness, compare it with the reference and report. Returns the exit status."""
+    strategy = build(settings, group)
+    trace = run_steps(settings, group.device, strategy.step, strategy.params.values(),
+                      strategy.timeline)
+    return finish(strategy, settings, group, trace)
+
+
+def max_abs_diff(pairs):
+    return max((float((a.float() - b.float()).abs().max()) for a, b in pairs if a.numel()),
+               default=0.0)
+
+
+def finish(strategy, settings, group, trace):
+    """Compare this run with the reference, print the summary on rank 0, write --json (and the
+    pipeline's --timeline files). Returns the exit status (1 when --check and beyond tolerance).
+    """
+    peak_mib = peak_memory_mib(group.device)
+    # The reference runs on every rank (same device, same seed), after the strategy so it
+    # does not count in the strategy's peak memory. On CPU rank 0 times it alone while the
+    # others wait (so their --timeout must cover it): its step time is then one process's, not
+    # slowed by the other ranks sharing the machine's cores. (GPUs are not shared.)
+    ref_model = models.build_model(settings, group.device)
+    ref_step = models.reference_step_fn(ref_model, settings)
+    alone = group.device.type == "cpu"
+    if alone and group.rank != 0:
+        dist.barrier()
+    ref = run_steps(settings, group.device, ref_step)
+    if alone and group.rank == 0:
+        dist.barrier()
+    ref_params = dict(ref_model.named_parameters())
+    dparam = max_abs_diff((p.detach(), strategy.reference_slice(n, ref_params[n].detach()))
+                          for n, p in strategy.params.items())
+
+    # Post-run bookkeeping (not part of any step): bring the numbers to rank 0.
+    loss_t = torch.tensor(trace.losses, dtype=torch.float64, device=group.device)
+    dist.broadcast(loss_t, src=strategy.loss_rank)
+    stats = torch.tensor([dparam, statistics.median(timed_steps(trace.times))],
+                         dtype=torch.float64, device=group.device)
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    per_rank = [None] * group.world_size
+    activation_mib = trace.activations.peak / 2**20 if trace.activations else None
+    events = strategy.timeline.events if strategy.timeline else []
+    dist.all_gather_object(per_rank, (peak_mib, dict(trace.comm.total), dict(trace.comm.backward),
+                                      dict(trace.comm.bytes), activation_mib, events))
+    if group.rank != 0:
+        return 0
+
+    losses = loss_t.tolist()
+    dparam, step_s = stats.tolist()
+    dloss = max(abs(a - b) for a, b in zip(losses, ref.losses, strict=True))
+    tol = TOLERANCE[settings.dtype]
+    layout = strategy.layout
+    record = Record(
+        strategy=strategy.name, world_size=group.world_size, backend=group.backend,
+        device=group.device.type, dtype=settings.dtype,
+        losses=losses, reference_losses=ref.losses, max_abs_dloss=dloss, max_abs_dparam=dparam,
+        tolerance=tol, ok=dloss <= tol["loss"] and dparam <= tol["param"],
+        step_time_s=step_s, reference_step_time_s=statistics.median(timed_steps(ref.times)),
+        samples_per_s=settings.batch_size / step_s,
+        peak_memory_mib=[r[0] for r in per_rank], peak_activation_mib=[r[4] for r in per_rank],
+        comm_per_step=[r[1] for r in per_rank], comm_in_backward=[r[2] for r in per_rank],
+        comm_bytes_per_step=[r[3] for r in per_rank], settings=dataclasses.asdict(settings),
+        pipeline_ranks=layout.ranks if layout else None,
+        stage_layers=layout.stage_layers if layout else None, tp=layout.tp if layout else None)
+    if strategy.timeline:
+        record.bubble = measure_bubble(
+            [(rank, *e) for rank, r in enumerate(per_rank) for e in r[5]], settings, record)
+    print_summary(record)
+    if settings.json:
+        write_json(record.to_json(), settings.json)
+    if settings.check and not record.ok:
+        print(f"partlab: error: {failure_reason(record, settings)}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def write_json(data, path):
+    """Write through a temporary file and rename, so `path` is never left half-written."""
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(partial, path)
+
+
+def failure_reason(record, settings):
+    """Why --check failed: the reference itself diverged (too high a learning rate), or the
+    strategy differs from a reference that trained normally (a parallelism bug)."""
+    first = record.reference_losses[0]
+    worst = max(record.reference_losses, key=lambda v: math.inf if math.isnan(v) else v)
+    if not math.isfinite(worst) or worst > 10 * first:
+        return (f"the run diverged (the reference's own loss went from {first:.3g} to "
+                f"{worst:.3g}), so float rounding no longer bounds the difference: lower --lr "
+                f"(now {settings.lr:g}; default {DEFAULTS.lr:g})")
+    return f"{record.strategy} deviates from the reference beyond tolerance"
+
+
+def measure_bubble(events, settings, record):
+    """The bubble measured on the timed steps next to the theory; --timeline files of the last."""
+    p, ranks = record.pipeline_ranks, record.world_size
+    by_step = pipeline_timeline.bubble(events, ranks)
+    steps = timed_steps(sorted(by_step))
+    theory = None if settings.schedule == "zero-bubble" else \
+        pipeline_timeline.theory(p, settings.microbatches, settings.virtual_stages)
+    result = Bubble(measured=statistics.median(by_step[s][0] for s in steps), theory=theory,
+                    steps=[s + 1 for s in steps], per_step=[by_step[s][0] for s in sorted(by_step)],
+                    per_rank=[statistics.median(by_step[s][1][r] for s in steps)
+                              for r in range(ranks)], files=None)
+    if settings.timeline:
+        os.makedirs(os.path.dirname(settings.timeline) or ".", exist_ok=True)
+        png, trace = settings.timeline + ".png", settings.timeline + ".json"
+        pipeline_timeline.chrome_trace(events, trace)
+        title = (f"{record.strategy}: p={p}, m={settings.microbatches}, "
+                 f"v={settings.virtual_stages}, step {steps[-1] + 1}; bubble "
+                 f"{by_step[steps[-1]][0]:.1%}" + (f" (theory {theory:.1%})" if theory else ""))
+        pipeline_timeline.gantt(events, steps[-1], ranks, png, title)
+        result.files = [png, trace]
+    return result
+
+
+def comm_summary(total, backward, size):
+    if not total:
+        return "none"
+    return ", ".join(f"{op} x{n} ({backward.get(op, 0)} in backward, {size.get(op, 0):,} bytes)"
+                     for op, n in sorted(total.items()))
+
+
+def print_summary(r):
+    s = r.settings
+    print(f"{r.strategy}: {r.world_size} ranks, {r.device}/{r.backend}, {r.dtype}, "
+          f"{models.describe(s)}, batch {s['batch_size']}")
+    print(f"{'step':>4}  {'loss':>10}  {'reference':>10}  {'|dloss|':>8}")
+    for i, (a, b) in enumerate(zip(r.losses, r.reference_losses, strict=True), 1):
+        print(f"{i:>4}  {a:>10.6f}  {b:>10.6f}  {abs(a - b):>8.1e}")
+    tol = r.tolerance
+    print(f"max |dloss| {r.max_abs_dloss:.1e} (tol {tol['loss']:.0e}), max |dparam| "
+          f"{r.max_abs_dparam:.1e} (tol {tol['param']:.0e}): {'OK' if r.ok else 'EXCEEDED'}")
+    print(f"step time {r.step_time_s * 1e3:.2f} ms (reference on one device "
+          f"{r.reference_step_time_s * 1e3:.2f} ms), {r.samples_per_s:,.0f} samples/s")
+    kind = "CUDA allocator peak" if r.device == "cuda" else "peak RSS"
+    print(f"peak memory per rank ({kind}, MiB): "
+          + ", ".join(f"{m:.0f}" for m in r.peak_memory_mib)
+          + "; activations saved for backward (MiB): "
+          + ", ".join(f"{m:.2f}" for m in r.peak_activation_mib))
+    for rank, (total, bwd, size) in enumerate(zip(r.comm_per_step, r.comm_in_backward,
+                                                  r.comm_bytes_per_step, strict=True)):
+        print(f"communication per step, rank {rank}: {comm_summary(total, bwd, size)}")
+    if r.bubble:
+        b = r.bubble
+        formula = "(p-1)/(m+p-1)" if s["virtual_stages"] == 1 else "(p-1)/(v*m+p-1)"
+        theory = f"theory {formula} = {b.theory:.1%}" if b.theory is not None else \
+            "no closed-form theory for this schedule"
+        print(f"bubble (idle share of a step, from the timeline, median of steps "
+              f"{b.steps[0]}-{b.steps[-1]}): {b.measured:.1%}; {theory}")
+        if b.files:
+            print("timeline: " + ", ".join(b.files))
