@@ -1,5 +1,4 @@
-"""Launch drivers the way users do (torchrun subprocesses) and read their result records."""
-import json
+"""Launch drivers the way users do: torchrun subprocesses."""
 import os
 import subprocess
 import sys
@@ -32,10 +31,3 @@ def torchrun(target, nproc, *args, timeout=180, env=None):
     return run([TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), *launch, *args],
                timeout=timeout, env=env)
 
-
-def run_driver(module, nproc, tmp_path, *args):
-    """Run a driver with --json and return (process, its record); fails loudly on a crash."""
-    out = tmp_path / "record.json"
-    proc, _ = torchrun(module, nproc, *args, "--json", str(out))
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    return proc, json.loads(out.read_text())

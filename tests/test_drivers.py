@@ -9,9 +9,10 @@ which launches every registry entry exactly as these tests would.
 import collections
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
-from launch import SMALL, run_driver, torchrun
+from launch import SMALL, torchrun
 from reference import plain_reference
 
 from partlab import strategies
@@ -35,18 +36,61 @@ def assert_matches_reference(record, layers=SMALL_SETTINGS.layers):
         assert abs(got - want) <= tol["loss"], f"step {step}: {got} vs plain PyTorch {want}"
 
 
-def registry_run(key, nproc, tmp_path, lab_records, *flags):
-    """A registry entry's record on nproc processes: the session lab's for 2, else a launch."""
-    if nproc == 2 and not flags:
-        return lab_records[key]
+def entry_run(key, *flags):
+    """(driver module, flags) of a registry entry with the tests' small MLP."""
     entry = strategies.get(key)
-    return run_driver(entry.module, nproc, tmp_path, *entry.flags, *SMALL, *flags)[1]
+    return entry.module, [*entry.flags, *SMALL, *flags]
+
+
+M = ["--microbatches", "4", "--layers"]
+# The runs that the session's lab (2 processes) does not cover, by world size: each world size
+# is one torchrun launch of tests/helpers/runs.py (a process group, the runs one after another).
+RUNS = {
+    2: {"timeline": ("partlab.pipeline", [*SMALL, "--schedule", "zero-bubble", "--microbatches",
+                                          "4", "--timeline", "{tmp}/timeline"]),
+        "bf16 tp-native": entry_run("tp-native", "--dtype", "bf16"),
+        "bf16 tp-manual gelu": entry_run("tp-manual", "--dtype", "bf16", "--activation", "gelu"),
+        "bf16 pipeline-1f1b": entry_run("pipeline-1f1b", "--dtype", "bf16")},
+    3: {f"pipeline-{s}": entry_run(f"pipeline-{s}", *M, "4") for s in ("gpipe", "1f1b")},
+    4: {**{key: entry_run(key) for key in ("tp-native", "tp-manual", "tp-manual-unfused")},
+        **{f"pipeline-{s}": entry_run(f"pipeline-{s}", *M, "4") for s in ("gpipe", "1f1b")},
+        "pipeline-interleaved-1f1b": entry_run("pipeline-interleaved-1f1b", *M, "8"),
+        **{f"{key} {s}": entry_run(key, "--schedule", s, *M, "8")
+           for key, s in (("pp-tp-native", "gpipe"), ("pp-tp-native", "interleaved-1f1b"),
+                          ("pp-tp-manual", "gpipe"))}},
+}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """launched(nproc, name) -> the record of RUNS[nproc][name]; each world size's runs are
+    launched together, the first time one of them is asked for."""
+    done = {}
+
+    def record(nproc, name):
+        if nproc not in done:
+            tmp = tmp_path_factory.mktemp(f"runs{nproc}")
+            specs = [[module, [a.format(tmp=tmp) for a in flags] + ["--json", f"{tmp}/{i}.json"]]
+                     for i, (module, flags) in enumerate(RUNS[nproc].values())]
+            (tmp / "spec.json").write_text(json.dumps(specs))
+            proc, _ = torchrun("tests/helpers/runs.py", nproc, str(tmp / "spec.json"),
+                               timeout=600)
+            assert proc.returncode == 0, proc.stdout[-6000:]
+            done[nproc] = {name: json.loads((tmp / f"{i}.json").read_text())
+                           for i, name in enumerate(RUNS[nproc])}
+        return done[nproc][name]
+    return record
+
+
+def registry_run(key, nproc, lab_records, launched):
+    """A registry entry's record on nproc processes: the session lab's for 2, else RUNS'."""
+    return lab_records[key] if nproc == 2 else launched(nproc, key)
 
 
 @pytest.mark.parametrize("key", [s.key for s in strategies.of_kind("tp")])
 @pytest.mark.parametrize("nproc", [pytest.param(2, marks=FAST), 4])
-def test_tensor_parallel_matches_reference(key, nproc, tmp_path, lab_records):
-    record = registry_run(key, nproc, tmp_path, lab_records)
+def test_tensor_parallel_matches_reference(key, nproc, lab_records, launched):
+    record = registry_run(key, nproc, lab_records, launched)
     assert_matches_reference(record)
     assert record["world_size"] == nproc
     # 4 layers = 2 column/row pairs: one all_reduce forward per pair, and one backward for
@@ -76,10 +120,9 @@ def expected_p2p(ranks, virtual_stages, m):
     pytest.param("interleaved-1f1b", 2, 4, marks=FAST), ("interleaved-1f1b", 4, 8),
     pytest.param("zero-bubble", 2, 4, marks=FAST),
 ])
-def test_pipeline_matches_reference(schedule, nproc, layers, tmp_path, lab_records):
+def test_pipeline_matches_reference(schedule, nproc, layers, lab_records, launched):
     m = 4   # the drivers' default, which the session's lab uses too (with 4 layers on 2 ranks)
-    flags = [] if nproc == 2 else ["--microbatches", str(m), "--layers", str(layers)]
-    record = registry_run(f"pipeline-{schedule}", nproc, tmp_path, lab_records, *flags)
+    record = registry_run(f"pipeline-{schedule}", nproc, lab_records, launched)
     assert record["settings"]["microbatches"] == m and record["settings"]["layers"] == layers
     assert_matches_reference(record, layers)
     v = 2 if schedule in ("interleaved-1f1b", "zero-bubble") else 1
@@ -97,15 +140,12 @@ def test_pipeline_matches_reference(schedule, nproc, layers, tmp_path, lab_recor
         assert bubble["measured"] >= 0.9 * bubble["theory"], bubble
 
 
-def test_pipeline_timeline_files(tmp_path):
+def test_pipeline_timeline_files(launched):
     m, steps = 4, 3
-    prefix = tmp_path / "timeline"
-    _, record = run_driver("partlab.pipeline", 2, tmp_path, *SMALL, "--schedule", "zero-bubble",
-                           "--microbatches", str(m), "--timeline", str(prefix))
-    assert record["bubble"]["files"] == [f"{prefix}.png", f"{prefix}.json"]
-    assert (tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    events = [e for e in json.loads((tmp_path / "timeline.json").read_text())["traceEvents"]
-              if e["ph"] == "X"]
+    png, trace = map(Path, launched(2, "timeline")["bubble"]["files"])
+    assert (png.name, trace.name) == ("timeline.png", "timeline.json")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
     # Each of the 4 stages runs a forward per microbatch per step; its backward is either
     # whole (B) or split into input (I) and weight (W) parts.
     kinds = collections.Counter(e["name"][0] for e in events)
@@ -117,12 +157,10 @@ def test_pipeline_timeline_files(tmp_path):
 @pytest.mark.parametrize("key,schedule", [pytest.param("pp-tp-native", "gpipe", marks=FAST),
                                           ("pp-tp-native", "interleaved-1f1b"),
                                           pytest.param("pp-tp-manual", "gpipe", marks=FAST)])
-def test_pipeline_of_tensor_parallel_stages_matches_reference(key, schedule, tmp_path):
+def test_pipeline_of_tensor_parallel_stages_matches_reference(key, schedule, launched):
     m, tp, pp, layers = 4, 2, 2, 8
-    entry = strategies.get(key)
-    _, record = run_driver(entry.module, pp * tp, tmp_path, *entry.flags, *SMALL,
-                           "--schedule", schedule, "--microbatches", str(m),
-                           "--layers", str(layers))
+    record = launched(pp * tp, f"{key} {schedule}")
+    assert record["settings"]["schedule"] == schedule and record["settings"]["layers"] == layers
     assert_matches_reference(record, layers)
     assert record["tp"] == tp and record["settings"]["tp_impl"] == key.removeprefix("pp-tp-")
     v = 2 if schedule == "interleaved-1f1b" else 1
@@ -139,13 +177,9 @@ def test_pipeline_of_tensor_parallel_stages_matches_reference(key, schedule, tmp
                          "recv": sends[pipeline_rank]}, (rank, total)
 
 
-@pytest.mark.parametrize("module,flags", [
-    ("partlab.tensor_parallel_native", []),
-    ("partlab.tensor_parallel_manual", ["--fused", "--activation", "gelu"]),
-    ("partlab.pipeline", ["--schedule", "1f1b"]),
-])
-def test_bf16_matches_reference_within_bf16_tolerance(module, flags, tmp_path):
-    _, record = run_driver(module, 2, tmp_path, *SMALL, "--dtype", "bf16", *flags)
+@pytest.mark.parametrize("name", [n for n in RUNS[2] if n.startswith("bf16")])
+def test_bf16_matches_reference_within_bf16_tolerance(name, launched):
+    record = launched(2, name)
     assert record["ok"] and record["dtype"] == "bf16"
     assert record["max_abs_dloss"] <= TOLERANCE["bf16"]["loss"]
 
