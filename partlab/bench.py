@@ -56,7 +56,9 @@ SIZES = {
 }
 QUICK = {"hidden_dims": [64], "batch_size": 32, "input_dim": 64, "steps": 3, "nproc": [2]}
 QUICK_SWEEP = {"bubble": {"microbatches": [4]}, "memory": {"microbatches": [4]},
-               "overhead": {"layers": 4}}
+               "overhead": {"layers": 4}, "step": {"layers": 4}}  # step's TP runs = comm's
+# The runs this process has made, by command: (the command as run, its record).
+DONE = {}
 NUM_CLASSES = 10
 TP = strategies.of_kind("tp")
 PIPELINES = strategies.of_kind("pipeline")
@@ -137,8 +139,16 @@ class Sweep:
                                  "--device", self.device, *extra)]
 
     def run(self, entry, nproc, flags, **params):
-        """One run of a registry entry; returns its record (None when it failed)."""
+        """One run of a registry entry; returns its record (None when it failed). A run that an
+        earlier sweep of this `partlab bench all` made with the same command is not repeated."""
         label = " ".join(f"{k}={v}" for k, v in {"nproc": nproc, **params}.items())
+        same = (*entry.command(), nproc, *flags)
+        if same in DONE:
+            cmd, record = DONE[same]
+            print(f"  {label:<52} ok (the same run as an earlier sweep's)", flush=True)
+            self.commands.append(cmd)
+            self.points.append({**params, "nproc": nproc, "command": cmd, "record": record})
+            return record
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "record.json")
             cmd, proc, seconds = lab.run_strategy(entry, nproc, flags, path)
@@ -154,6 +164,7 @@ class Sweep:
             return None
         print(f"  {label:<52} ok ({seconds:.1f} s)", flush=True)
         self.points.append({**params, "nproc": nproc, "command": cmd, "record": record})
+        DONE[same] = cmd, record
         return record
 
     def write(self, rows, columns, **extra):

@@ -1,5 +1,6 @@
 """The one list of strategies: what `partlab lab`, every `partlab bench` sweep, the overhead
-benchmark, the Slurm scripts and the tests run. Adding a strategy is one entry here.
+benchmark, the GPU check, the Slurm scripts and the tests run. Adding a strategy is one entry
+here (and its key in scripts/slurm/run.sbatch's `case`, which tests/test_slurm.py checks).
 
 An entry is a driver module and the flags that pick the strategy out of it; `kind` says which
 family it belongs to (the sweeps choose by it), `min_processes` the smallest world it runs on.

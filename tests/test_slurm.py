@@ -157,10 +157,9 @@ def test_interactive_helper_gets_an_allocation(slurm):
 
 def test_lab_on_one_node(slurm, results):
     """The whole lab (`partlab lab`) as a CPU job on one node, submitted from the repo root."""
-    # Two strategies prove the job script; tests/test_cli.py runs the whole lab.
+    # One strategy proves the job script; tests/test_cli.py runs the whole lab.
     job, info, log = run_job(slurm, results, ["--cpus-per-task=2"],
-                             [str(SLURM_DIR / "lab.sbatch"), *SMALL, "--only", "tp-manual",
-                              "--only", "pipeline-1f1b"])
+                             [str(SLURM_DIR / "lab.sbatch"), *SMALL, "--only", "tp-manual"])
     assert_completed(job, info, log)
     assert not (ROOT / f"slurm-{job}.out").exists(), "the log was not moved to results/<jobid>/"
     records = list((results / job).glob("lab-*.json"))
@@ -168,7 +167,7 @@ def test_lab_on_one_node(slurm, results):
     lab = json.loads(records[0].read_text())
     assert lab["failed"] == [], log[-6000:]
     assert lab["provenance"]["slurm_job_id"] == job
-    assert [r["name"] for r in lab["runs"]] == ["tp-manual", "pipeline-1f1b"], lab["runs"]
+    assert [r["name"] for r in lab["runs"]] == ["tp-manual"], lab["runs"]
     for run in lab["runs"]:
         assert_matches_reference(run, log)
 
