@@ -28,6 +28,15 @@ if ! .venv/bin/python -c "$suitable" 2>/dev/null; then
   echo "partlab: installing $(grep '^torch==' constraints.txt) into .venv"
   "${pip[@]}" torch
 fi
-"${pip[@]}" setuptools wheel ninja
-echo "partlab: installing partlab and building its extension (pip install --no-build-isolation -e .)"
-"${pip[@]}" --no-build-isolation -e ".[test]"
+# What the install below depends on; when it has not changed since the last install and the
+# extension imports, the install (~30 s even with nothing to compile) is skipped.
+inputs=$(cat constraints.txt pyproject.toml setup.py csrc/* | sha256sum | cut -d' ' -f1)
+stamp=.venv/.partlab-installed
+if [[ -f $stamp && $(cat "$stamp") == "$inputs" ]] && .venv/bin/python -c "import partlab._C" 2>/dev/null; then
+  echo "partlab: .venv is up to date (delete $stamp to reinstall)"
+else
+  "${pip[@]}" setuptools wheel ninja
+  echo "partlab: installing partlab and building its extension (pip install --no-build-isolation -e .)"
+  "${pip[@]}" --no-build-isolation -e ".[test]"
+  echo "$inputs" > "$stamp"
+fi
