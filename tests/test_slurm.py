@@ -323,9 +323,10 @@ def test_container_mode_passes_slurm_variables_and_binds(slurm, results, tmp_pat
 
 # --- the GPU branch, without GPUs: run.sbatch with stand-in scontrol and srun ------------------
 
-def run_sbatch_with_stubs(tmp_path, *args):
+def run_sbatch_with_stubs(tmp_path, *args, log=None, **overrides):
     """run.sbatch in what a 2-node, 4-GPU-per-node job would see: Slurm's variables faked,
-    scontrol answering, srun recording its argv (returned, one item per line)."""
+    scontrol answering, srun recording its argv (returned, one item per line). overrides: other
+    environment variables (None removes one); log: a file for run.sbatch's stdout."""
     stub_dir = tmp_path / "bin"
     stub_dir.mkdir()
     calls = tmp_path / "srun-calls"
@@ -347,9 +348,13 @@ def run_sbatch_with_stubs(tmp_path, *args):
                SLURM_JOB_NODELIST="gpu[07-08]", SLURM_GPUS_ON_NODE="4",
                SLURM_JOB_CPUS_PER_NODE="32(x2)", SLURM_SUBMIT_DIR=str(ROOT),
                PARTLAB_RESULTS=str(tmp_path / "results"))
-    proc = subprocess.run(["bash", str(SLURM_DIR / "run.sbatch"), *args], capture_output=True,
-                          text=True, env=env, cwd=tmp_path, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    env.update({k: v for k, v in overrides.items() if v is not None})
+    env = {k: v for k, v in env.items() if overrides.get(k, "") is not None}
+    with open(log or os.devnull, "w") as out:
+        proc = subprocess.run(["bash", str(SLURM_DIR / "run.sbatch"), *args], stdout=out,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                              timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
     return calls.read_text().splitlines()
 
 
@@ -376,3 +381,31 @@ def test_run_sbatch_runs_every_registry_strategy(key, tmp_path):
     entry = strategies.get(key)
     assert command[:len(entry.command()) + 2] == [*entry.command(), "--steps", "2"], command
     assert f"{tmp_path}/results/123456/{key}.json" in command
+
+
+@pytest.mark.parametrize("visible,device,nproc", [
+    ("NoDevFiles", "cpu", "3"), ("-1", "cpu", "3"), ("0,1", "cuda", "2"),
+    ("GPU-8f2ec1a4-1b2c-4d5e-9f00-aabbccddeeff", "cuda", "1"), ("0,NoDevFiles,1", "cuda", "1"),
+])
+def test_only_devices_cuda_can_use_count_as_gpus(visible, device, nproc, tmp_path):
+    # Without SLURM_GPUS_ON_NODE the GPUs are CUDA_VISIBLE_DEVICES' entries, as CUDA reads
+    # them: up to the first that is neither an index nor a UUID.
+    argv = run_sbatch_with_stubs(tmp_path, "tp-native", SLURM_GPUS_ON_NODE=None,
+                                 CUDA_VISIBLE_DEVICES=visible, SLURM_CPUS_PER_TASK="3")
+    command = argv[argv.index("torchrun"):]
+    assert command[command.index("--nproc-per-node") + 1] == nproc, command
+    assert command[command.index("--device") + 1] == device, command
+
+
+def test_the_log_stays_where_slurm_writes_it_when_results_are_on_another_file_system(tmp_path):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.fail("the test needs /dev/shm on a file system of its own")
+    results = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        log = tmp_path / "slurm-123456.out"
+        run_sbatch_with_stubs(tmp_path, "tp-native", log=log, PARTLAB_RESULTS=str(results))
+        assert f"partlab-slurm: the log stays at {log}" in log.read_text()
+        assert not (results / "123456" / log.name).exists()
+    finally:
+        shutil.rmtree(results)
