@@ -12,7 +12,6 @@ Run by `partlab bench overhead`; by hand:
 import argparse
 import functools
 import importlib
-import json
 import statistics
 import sys
 import time
@@ -20,6 +19,7 @@ import time
 from partlab import distributed, harness, strategies
 from partlab import model as models
 from partlab.harness import Driver
+from partlab.report import write_json
 
 
 def bare_loop(settings, device, step):
@@ -69,8 +69,7 @@ def compare_loops(build, rounds, json_path, settings, group):
               f"{statistics.median(plain) * 1e3:.2f} ms in a bare loop: {step_cost:+.1%}; "
               f"whole loop (incl. the counted last step) {loop_cost:+.1%}")
         if json_path:
-            with open(json_path, "w") as f:
-                json.dump(result, f, indent=1)
+            write_json(result, json_path)
     return 0
 
 

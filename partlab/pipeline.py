@@ -39,8 +39,7 @@ def validate(settings, launch):
 
 def build(settings, group):
     p = group.world_size
-    step, modules, stages, layout = build_pipeline(settings, group, group.rank, p)
-    params = {n: t for module in modules for n, t in module.named_parameters()}
+    step, params, stages, layout = build_pipeline(settings, group, group.rank, p)
     return Strategy(f"pipeline_{settings.schedule}", step, params, lambda name, full: full,
                     loss_rank=p - 1, timeline=Timeline(stages), layout=layout)  # last stage
 

@@ -26,6 +26,7 @@ from partlab.partition import (
     default_layers,
     dtensor_plan,
     dtensor_shards,
+    tp_slice,
     warn_about_bubble,
 )
 from partlab.stages import build_pipeline
@@ -65,12 +66,12 @@ def build(settings, group):
             return ColumnRowParallelMLP(stage, group=tp_mesh.get_group())
         return parallelize_module(stage, tp_mesh, dtensor_plan(stage))
 
-    step, modules, stages, layout = build_pipeline(
+    step, params, stages, layout = build_pipeline(
         settings, group, group.rank // tp, pp, process_group=mesh["pp"].get_group(), unit=2,
         shard=shard)
-    params = {n: t for module in modules for n, t in module.named_parameters()}
-    if manual:
-        reference_slice = modules[0].reference_slice
+    if manual:   # this rank's place in its stage: rank = pipeline_rank * tp + tp_index
+        def reference_slice(name, full):
+            return tp_slice(name, full, group.rank % tp, tp)
     else:
         params, reference_slice = dtensor_shards(params, tp_mesh)
     name = f"pipeline_tensor_parallel_{settings.schedule}" + ("_manual" if manual else "")

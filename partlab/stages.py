@@ -33,7 +33,7 @@ def build_pipeline(settings, group, rank, ranks, process_group=None, unit=1, sha
 
     rank, ranks: place in the pipeline (process_group: its processes, default all);
     shard(module) -> module, applied to each stage (the 2-D mode's tensor parallelism).
-    Returns (step, modules, stages, layout).
+    Returns (step, {name: parameter} of this rank's stages, the stages, layout).
     """
     total = ranks * settings.virtual_stages
     modules, stages = [], []
@@ -45,7 +45,8 @@ def build_pipeline(settings, group, rank, ranks, process_group=None, unit=1, sha
     schedule = SCHEDULES[settings.schedule](
         stages if settings.schedule in INTERLEAVED else stages[0],
         n_microbatches=settings.microbatches, loss_fn=mlp.loss_fn)
-    opt = torch.optim.SGD([p for m in modules for p in m.parameters()], lr=settings.lr)
+    params = {n: p for module in modules for n, p in module.named_parameters()}
+    opt = torch.optim.SGD(params.values(), lr=settings.lr)
     first, last = stages[0].is_first, stages[-1].is_last
 
     def step(x, y):
@@ -60,4 +61,4 @@ def build_pipeline(settings, group, rank, ranks, process_group=None, unit=1, sha
     layout = PipelineLayout(
         ranks=ranks, stage_layers=[list(stage_layers(settings.layers, s, total, unit))
                                    for s in range(total)])
-    return step, modules, stages, layout
+    return step, params, stages, layout

@@ -42,7 +42,10 @@ def entry_run(key, *flags):
     return entry.module, [*entry.flags, *SMALL, *flags]
 
 
-M = ["--microbatches", "4", "--layers"]
+def sized(layers):
+    return ["--microbatches", "4", "--layers", str(layers)]
+
+
 # The runs that the session's lab (2 processes) does not cover, by world size: each world size
 # is one torchrun launch of tests/helpers/runs.py (a process group, the runs one after another).
 RUNS = {
@@ -51,11 +54,11 @@ RUNS = {
         "bf16 tp-native": entry_run("tp-native", "--dtype", "bf16"),
         "bf16 tp-manual gelu": entry_run("tp-manual", "--dtype", "bf16", "--activation", "gelu"),
         "bf16 pipeline-1f1b": entry_run("pipeline-1f1b", "--dtype", "bf16")},
-    3: {f"pipeline-{s}": entry_run(f"pipeline-{s}", *M, "4") for s in ("gpipe", "1f1b")},
+    3: {f"pipeline-{s}": entry_run(f"pipeline-{s}", *sized(4)) for s in ("gpipe", "1f1b")},
     4: {**{key: entry_run(key) for key in ("tp-native", "tp-manual", "tp-manual-unfused")},
-        **{f"pipeline-{s}": entry_run(f"pipeline-{s}", *M, "4") for s in ("gpipe", "1f1b")},
-        "pipeline-interleaved-1f1b": entry_run("pipeline-interleaved-1f1b", *M, "8"),
-        **{f"{key} {s}": entry_run(key, "--schedule", s, *M, "8")
+        **{f"pipeline-{s}": entry_run(f"pipeline-{s}", *sized(4)) for s in ("gpipe", "1f1b")},
+        "pipeline-interleaved-1f1b": entry_run("pipeline-interleaved-1f1b", *sized(8)),
+        **{f"{key} {s}": entry_run(key, "--schedule", s, *sized(8))
            for key, s in (("pp-tp-native", "gpipe"), ("pp-tp-native", "interleaved-1f1b"),
                           ("pp-tp-manual", "gpipe"))}},
 }

@@ -21,11 +21,15 @@ from partlab.distributed import Launch, free_port
 from partlab.model import bytes_needed
 
 
+def assert_one_error_line(output, message):
+    errors = [line for line in output.splitlines() if line.startswith("partlab: error:")]
+    assert len(errors) == 1 and message in errors[0], output[-3000:]
+
+
 def assert_one_line_error(proc, seconds, message, limit=30):
-    errors = [line for line in proc.stdout.splitlines() if line.startswith("partlab: error:")]
     assert proc.returncode != 0, proc.stdout[-3000:]
     assert seconds < limit, f"took {seconds:.0f} s"
-    assert len(errors) == 1 and message in errors[0], proc.stdout[-3000:]
+    assert_one_error_line(proc.stdout, message)
     assert not re.search(r'File ".*/partlab/', proc.stdout), "traceback through partlab code"
 
 
@@ -100,11 +104,6 @@ def in_process(capsys):
     yield run_main
     os.environ.clear()
     os.environ.update(saved)
-
-
-def assert_one_error_line(output, message):
-    errors = [line for line in output.splitlines() if line.startswith("partlab: error:")]
-    assert len(errors) == 1 and message in errors[0], output[-3000:]
 
 
 def test_a_model_too_big_for_memory_is_refused_before_allocating(in_process):

@@ -348,8 +348,11 @@ def run_sbatch_with_stubs(tmp_path, *args, log=None, **overrides):
                SLURM_JOB_NODELIST="gpu[07-08]", SLURM_GPUS_ON_NODE="4",
                SLURM_JOB_CPUS_PER_NODE="32(x2)", SLURM_SUBMIT_DIR=str(ROOT),
                PARTLAB_RESULTS=str(tmp_path / "results"))
-    env.update({k: v for k, v in overrides.items() if v is not None})
-    env = {k: v for k, v in env.items() if overrides.get(k, "") is not None}
+    for name, value in overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     with open(log or os.devnull, "w") as out:
         proc = subprocess.run(["bash", str(SLURM_DIR / "run.sbatch"), *args], stdout=out,
                               stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
