@@ -2,7 +2,8 @@
 
 Install torch first, then `pip install --no-build-isolation -e .` so the extension is compiled
 against the torch that will import it. PARTLAB_BUILD picks the flavour:
-  auto (default)  CUDAExtension when this torch has CUDA and nvcc is found, else CppExtension
+  auto (default)  CUDAExtension when this torch has CUDA and an nvcc of its CUDA major is found,
+                  else CppExtension (saying in one line why, when torch has CUDA)
   cpu             CppExtension only (CPU kernels), even on a CUDA machine
   cuda            CUDAExtension, failing in one line when torch, nvcc or cuBLASLt is missing
 The C++ standard is left to torch's BuildExtension, which passes the one its headers need
@@ -13,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -43,21 +45,58 @@ except ImportError as e:  # pragma: no cover - only hit on a machine without tor
         "(run scripts/lab.sh, or `pip install torch` then `pip install --no-build-isolation -e .`)"
     ) from e
 
-# A build machine without a GPU cannot query the architecture: default to A100 and H100 (+PTX
-# so newer GPUs JIT the kernels). Override by exporting TORCH_CUDA_ARCH_LIST.
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-
 
 def fail(message):
     raise SystemExit(f"partlab: error: {message}")
 
 
+def nvcc(*args):
+    """The output of the nvcc that torch will compile with."""
+    return subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), *args],
+                          capture_output=True, text=True).stdout
+
+
 def nvcc_major():
     """The CUDA major version of the toolkit torch will compile with."""
-    out = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"],
-                         capture_output=True, text=True).stdout
-    found = re.search(r"release (\d+)\.", out)
+    found = re.search(r"release (\d+)\.", nvcc("--version"))
     return int(found.group(1)) if found else None
+
+
+def default_arch_list():
+    """TORCH_CUDA_ARCH_LIST where the user set none: every GPU family this torch build runs on.
+
+    torch.cuda.get_arch_list() (no GPU needed) names the SASS torch ships, e.g. cu126: 5.0 6.0 7.0
+    7.5 8.0 8.6 9.0, cu130: 7.5 8.0 8.6 9.0 10.0 12.0. A cubin runs on every GPU of its major
+    version with an equal or higher minor (8.0's on 8.6 and 8.9), so one entry per major at its
+    lowest minor serves them all; +PTX on the newest lets later GPUs JIT the kernels. Entries this
+    nvcc cannot target (a toolkit older than torch's CUDA) are left out. Build time, 2 cores: the
+    C++ dominates, each entry adds ~10 s (torch 2.14.1+cu130: 73 s for 9.0 alone, 114 s for its
+    five, 7.5;8.0;9.0;10.0;12.0+PTX); the library grows by ~0.3 MB an entry.
+    """
+    targets = set(re.findall(r"compute_(\d+)", nvcc("--list-gpu-arch")))
+    lowest = {}
+    for arch in torch.cuda.get_arch_list():
+        found = re.fullmatch(r"sm_(\d+)(\d)[af]?", arch)
+        if found and (not targets or found[1] + found[2] in targets):
+            major, minor = int(found[1]), int(found[2])
+            lowest[major] = min(minor, lowest.get(major, minor))
+    archs = [f"{major}.{minor}" for major, minor in sorted(lowest.items())]
+    return ";".join(archs) + "+PTX" if archs else None
+
+
+def toolkit_problem():
+    """(why, fix) where no CUDA kernels can be built here for this CUDA torch, else None."""
+    need = torch.version.cuda.split(".")[0]
+    if CUDA_HOME is None:
+        return (f"torch {torch.__version__} has CUDA {torch.version.cuda} but no nvcc was found "
+                "(PATH, CUDA_HOME, /usr/local/cuda)",
+                f"install a CUDA {need}.x toolkit (or export CUDA_HOME to one)")
+    found = nvcc_major()
+    if found is not None and found != int(need):
+        return (f"nvcc in {CUDA_HOME} is CUDA {found} but torch {torch.__version__} was built "
+                f"with CUDA {torch.version.cuda}",
+                f"use a CUDA {need}.x toolkit (export CUDA_HOME) or a torch built for CUDA {found}")
+    return None
 
 
 def cublaslt_dirs():
@@ -81,11 +120,9 @@ def cublaslt_dirs():
 
 
 def cuda_extension(sources, cxx):
-    nvcc, torch_major = nvcc_major(), int(torch.version.cuda.split(".")[0])
-    if nvcc is not None and nvcc != torch_major:
-        fail(f"nvcc in {CUDA_HOME} is CUDA {nvcc} but torch {torch.__version__} was built with "
-             f"CUDA {torch.version.cuda}: use a CUDA {torch_major}.x toolkit (export CUDA_HOME) "
-             f"or a torch built for CUDA {nvcc}")
+    archs = None if os.environ.get("TORCH_CUDA_ARCH_LIST") else default_arch_list()
+    if archs:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     include, lib, name = cublaslt_dirs()
     return CUDAExtension(
         "partlab._C", sources,
@@ -110,7 +147,14 @@ def extension_modules():
              "install one or export CUDA_HOME, or use PARTLAB_BUILD=cpu")
     # The module only registers ops (TORCH_LIBRARY), so it needs just the stable Python ABI.
     cxx = ["-O3", "-DPy_LIMITED_API=0x030A0000"]
-    if mode == "cuda" or (mode == "auto" and torch.version.cuda and CUDA_HOME):
+    problem = toolkit_problem() if mode != "cpu" and torch.version.cuda else None
+    if problem and mode == "cuda":
+        fail(": ".join(problem))
+    if problem:  # auto: say why, in one line, and build what can be built
+        print(f"partlab: {problem[0]}: building partlab._C with CPU kernels only; for CUDA "
+              f"kernels {problem[1]}, then `PARTLAB_BUILD=cuda pip install --no-build-isolation "
+              "-e .`", file=sys.stderr)
+    elif mode == "cuda" or (mode == "auto" and torch.version.cuda):
         return [cuda_extension(cpp_sources + cuda_sources, cxx)]
     return [CppExtension("partlab._C", cpp_sources, extra_compile_args={"cxx": cxx},
                          py_limited_api=True)]

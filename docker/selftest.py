@@ -6,6 +6,7 @@ CPU is always checked; with a CUDA build of torch both ops must have CUDA kernel
 (an image built without them fails here, GPU or not), and with a GPU the CUDA kernels must pass
 too: an image whose CUDA kernels are missing or broken fails here, not in the middle of a lab run.
 """
+import ctypes
 import sys
 
 import torch
@@ -30,6 +31,10 @@ def check(ops, device):
 
 def main():
     import partlab._C  # noqa: F401  (fails loudly when the extension was not built)
+
+    # NCCL dlopens libibverbs for InfiniBand/RoCE; without it multi-node runs use TCP sockets.
+    ctypes.CDLL("libibverbs.so.1")
+    print("selftest: libibverbs.so.1 loads (NCCL can use InfiniBand)")
 
     try:
         from partlab import ops

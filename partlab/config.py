@@ -34,7 +34,7 @@ class Settings:
     timeout: float = 180.0
     check: bool = False
     # pipeline only
-    microbatches: int = 4
+    microbatches: int | None = None  # None: partition.default_microbatches
     schedule: str = "gpipe"
     stages: int | None = None
     virtual_stages: int | None = None
@@ -89,7 +89,8 @@ INTERLEAVED = ("interleaved-1f1b", "zero-bubble")
 def add_pipeline_flags(p):
     d = DEFAULTS
     p.add_argument("--microbatches", type=int, default=d.microbatches,
-                   help="microbatches per step (the batch is split into this many)")
+                   help="microbatches per step (the batch is split into this many; default 4, "
+                        "or as many as the schedule needs on more pipeline ranks)")
     p.add_argument("--schedule", choices=("gpipe", "1f1b") + INTERLEAVED, default=d.schedule,
                    help="pipeline schedule (see partlab/pipeline.py)")
     p.add_argument("--stages", type=int, default=None,

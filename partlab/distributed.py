@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from partlab import model as models
+from partlab import nvidia
 from partlab.config import UsageError, parse, require
 
 
@@ -74,10 +75,22 @@ def choose_device(settings, launch):
                                              and gpus >= launch.local_world_size)
     if use_cuda:
         return torch.device("cuda", launch.local_rank), "nccl"
-    if settings.device == "auto" and gpus and launch.local_rank == 0:
-        print(f"partlab: {launch.local_world_size} processes on this node but {gpus} GPU(s): "
-              "running on CPU with gloo (--device cuda makes this an error)", file=sys.stderr)
+    if settings.device == "auto" and launch.local_rank == 0:
+        fallback_note(gpus, launch)
     return torch.device("cpu"), "gloo"
+
+
+def fallback_note(gpus, launch):
+    """`--device auto` on CPU on a machine with GPUs: one line per node saying why."""
+    if gpus:
+        why = f"{launch.local_world_size} processes on this node but {gpus} GPU(s)"
+    else:
+        missing = nvidia.unseen(torch.__version__, torch.version.cuda)
+        if missing is None:
+            return
+        why = str(missing)
+    print(f"partlab: {why}: running on CPU with gloo (--device cuda makes this an error)",
+          file=sys.stderr)
 
 
 def pin_to_own_cores(launch):

@@ -9,15 +9,23 @@ import torch
 import torch.distributed as dist
 
 import partlab
-from partlab import lab
+from partlab import lab, nvidia
 
 FIX_TORCH = f"pip install '{partlab.TORCH_REQUIREMENT}' (or run scripts/lab.sh)"
 FIX_EXTENSION = "pip install --no-build-isolation -e . (or run scripts/lab.sh)"
 
 
-def gpu_lines():
+def gpu_lines(problems):
+    """What torch sees; where it sees no GPU but the machine has some, why (a problem when the
+    set-up is to blame: a CPU build of torch, a driver older than its CUDA needs)."""
     if not torch.cuda.is_available():
-        return ["GPUs: none visible to torch (the lab runs on CPU processes with gloo)"]
+        lines = ["GPUs: none visible to torch (the lab runs on CPU processes with gloo)"]
+        missing = nvidia.unseen(torch.__version__, torch.version.cuda)
+        if missing and missing.fix:
+            problems.append(f"{missing}: {missing.fix}")
+        elif missing:
+            lines.append(f"  {missing}")
+        return lines
     lines = []
     for i in range(torch.cuda.device_count()):
         prop = torch.cuda.get_device_properties(i)
@@ -41,7 +49,7 @@ def main():
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None
     print(f"torch {torch.__version__} (CUDA build: {torch.version.cuda}, NCCL: {nccl}, "
           f"gloo: {dist.is_gloo_available()}, nccl backend: {dist.is_nccl_available()})")
-    for line in gpu_lines():
+    for line in gpu_lines(problems):
         print(line)
     for module in ("torch.distributed.tensor.parallel", "torch.distributed.pipelining"):
         error = import_check(module)

@@ -7,6 +7,8 @@ Steps, each ok / FAILED / skipped (with the reason) in the record:
   gemm        a bf16 8192^3 matmul's TFLOP/s next to the device's peak
   drivers     every strategy of partlab/strategies.py on CUDA with --check: `partlab lab` on
               NCCL with >= 2 GPUs, else each as a world of one process
+  timeline    a 1F1B pipeline with --timeline on CUDA (2 GPUs, else 1): its bubble timed by
+              CUDA events, and the Gantt chart and trace beside the record
   all_reduce  bus bandwidth of a 256 MiB all_reduce, with >= 2 GPUs
 Writes DIR/gpu-check-<date>-<device>.json and .md. Without a GPU the GPU steps are skipped and
 the exit status says only whether the build and the CPU side passed.
@@ -119,6 +121,24 @@ def drivers(src, gpus, out_dir, device="cuda", keys=None):
     return {"status": "FAILED" if failed else "ok", "world": 1, "runs": runs}
 
 
+def timeline(src, gpus, out_dir, device="cuda"):
+    """A pipeline's timeline on the GPU: the bubble from CUDA events (record.bubble.clock)."""
+    nproc, prefix = min(gpus, 2), out_dir / f"timeline-1f1b-{device}"
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(nproc), "-m", "partlab.pipeline", "--schedule", "1f1b", "--microbatches", "8",
+               "--device", device, "--steps", "6", "--check", "--timeline", str(prefix),
+               "--json", f"{tmp}/record.json"]
+        ok, secs, tail = run(cmd, src, timeout=300)
+        if not ok:
+            return {"status": "FAILED", "seconds": secs, "output": tail}
+        bubble = json.loads(Path(f"{tmp}/record.json").read_text())["bubble"]
+    expected = "cuda events" if device == "cuda" else "host"
+    return {"status": "ok" if bubble["clock"] == expected else "FAILED", "seconds": secs,
+            "processes": nproc, "clock": bubble["clock"], "measured": round(bubble["measured"], 3),
+            "theory": round(bubble["theory"], 3), "files": bubble["files"]}
+
+
 def all_reduce_worker():
     """One rank of the all_reduce measurement (run under torchrun): 256 MiB of fp32, 20 calls."""
     import torch.distributed as dist
@@ -210,6 +230,7 @@ def main(argv=None):
     steps["bench op"] = bench() if gpus else no_gpu
     steps["gemm"] = gemm_tflops() if gpus else no_gpu
     steps["drivers"] = drivers(src, gpus, out_dir) if gpus else no_gpu
+    steps["timeline"] = timeline(src, gpus, out_dir) if gpus else no_gpu
     steps["all_reduce"] = (all_reduce_busbw(src, gpus) if gpus >= 2 else
                            {"status": "skipped", "reason": f"{gpus} GPU(s): needs 2"})
     record = {"provenance": provenance(root), "steps": steps}

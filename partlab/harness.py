@@ -108,6 +108,8 @@ def run_steps(settings, device, step_fn, params: Iterable[torch.Tensor] | None =
             loss = step_fn(x, y)
         synchronize(device)
         times.append(time.perf_counter() - start)
+        if timeline is not None:
+            timeline.read()
         losses.append(math.nan if loss is None else loss.item())
     if timeline is not None:
         timeline.step = None

@@ -2,9 +2,11 @@
 one table (written as JSON with provenance under --out).
 
 Each strategy runs as its own `torchrun --standalone` job, exactly as a user would launch it, on
-every GPU when there are at least two, else on two CPU processes with gloo.
+every GPU when there are at least two (the most of them that every strategy can split its sizes
+over: 4 of 6), else on two CPU processes with gloo.
 """
 import contextlib
+import dataclasses
 import datetime
 import importlib
 import io
@@ -19,6 +21,7 @@ import time
 import torch
 
 import partlab
+from partlab import ops
 from partlab.config import UsageError, parse
 from partlab.distributed import Launch
 from partlab.harness import Driver
@@ -37,9 +40,13 @@ def add_arguments(p):
                    help="passed to every driver (auto: GPUs when there are at least 2)")
 
 
+def usable_gpus(device):
+    return torch.cuda.device_count() if torch.cuda.is_available() and device != "cpu" else 0
+
+
 def choose_processes(nproc, device):
     """The process count and what they run on (`partlab env` reports the same)."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() and device != "cpu" else 0
+    gpus = usable_gpus(device)
     if nproc is None:
         nproc = gpus if gpus >= 2 else 2
     if nproc < 1:
@@ -83,11 +90,22 @@ def provenance(nproc, runs_on):
     }
 
 
+# What NCCL prints when its watchdog ends a collective that ran past the timeout, just before it
+# aborts the process (SIGABRT): partlab's own error line never comes.
+NCCL_WATCHDOG = "Watchdog caught collective operation timeout"
+
+
 def failure_lines(proc):
-    """What a failed driver run said: its `partlab:` lines, else the last 12 lines of output."""
-    output = proc.stderr + proc.stdout
-    return [line for line in output.splitlines()
-            if line.startswith("partlab:")] or output.splitlines()[-12:]
+    """What a failed driver run said: its `partlab:` lines, else the last 12 lines of output;
+    an NCCL watchdog abort is named as such, with NCCL's line for the collective."""
+    lines = (proc.stderr + proc.stdout).splitlines()
+    ours = [line for line in lines if line.startswith("partlab:")]
+    watchdog = [line for line in lines if NCCL_WATCHDOG in line]
+    if watchdog and not ours:
+        ours = ["partlab: error: an NCCL collective ran past --timeout and NCCL's watchdog "
+                "aborted the process: another rank crashed, hung or was launched differently "
+                "(raise --timeout if it is only slow; README: Troubleshooting)", watchdog[0]]
+    return ours or lines[-12:]
 
 
 def run_strategy(entry, nproc, flags, json_path):
@@ -135,43 +153,86 @@ def selects(only, key):
     return only == key if only in BY_KEY else only in key
 
 
-def precheck(chosen, nproc, driver_flags):
-    """Each driver's own validation, here, before anything is launched: a layout that nproc
-    processes cannot run stops the lab in one line per distinct reason."""
+def refusals(chosen, nproc, driver_flags):
+    """Each driver's own validation, here, before anything is launched: {reason: [keys]} for the
+    strategies that nproc processes cannot run."""
     launch = Launch(rank=0, world_size=nproc, local_rank=0, local_world_size=nproc)
-    refusals = {}
+    found = {}
     for entry in chosen:
         driver: Driver = importlib.import_module(entry.module)
         try:
             with contextlib.redirect_stderr(io.StringIO()):   # warnings: the run prints them
                 driver.validate(parse(driver.parser(), [*entry.flags, *driver_flags]), launch)
         except UsageError as e:
-            refusals.setdefault(str(e), []).append(entry.key)
-    if refusals:
-        lines = [f"{', '.join(keys)} on --nproc {nproc}: {reason}"
-                 for reason, keys in refusals.items()]
-        raise UsageError("\npartlab: error: ".join(lines))
+            found.setdefault(str(e), []).append(entry.key)
+    return found
+
+
+def with_lab_defaults(driver_flags, nproc, device):
+    """The flags every strategy gets: the device, and (unless given) --layers 2 x nproc, so the
+    interleaved pipelines have a layer for each of 2 stages per process, TP an even count, and
+    every row the same model."""
+    flags = [*driver_flags, "--device", device]
+    return flags if "--layers" in flags else [*flags, "--layers", str(2 * nproc)]
+
+
+def runnable(matching, nproc):
+    """(the strategies nproc processes are enough for, the keys of those that need more)."""
+    return ([s for s in matching if nproc >= s.min_processes],
+            [s.key for s in matching if nproc < s.min_processes])
+
+
+def most_processes_that_fit(matching, gpus, driver_flags, device):
+    """The most processes, at most one per GPU, on which every chosen strategy can split its
+    sizes (the handout's hidden 2048 and batch 64 split 2, 4 or 8 ways, not 3 or 6)."""
+    for n in range(gpus, 2, -1):
+        chosen, _ = runnable(matching, n)
+        if not refusals(chosen, n, with_lab_defaults(driver_flags, n, device)):
+            return n
+    return 2
+
+
+def unfused_without_cuda_kernels(chosen, on_gpus):
+    """On GPUs with an extension that has no CUDA kernels (built where nvcc was missing), the
+    fused manual-TP rows run unfused, with a note, instead of failing."""
+    if not on_gpus or ops.extension_info()["cuda"]:
+        return chosen
+    fused = [e for e in chosen if "--fused" in e.flags]
+    if fused:
+        print(f"partlab lab: note: {', '.join(e.key for e in fused)} run(s) unfused: the "
+              "extension has no CUDA kernels (rebuild with nvcc: PARTLAB_BUILD=cuda "
+              "pip install --no-build-isolation -e .)", flush=True)
+    return [dataclasses.replace(e, key=f"{e.key} (unfused)",
+                                flags=tuple("--no-fused" if f == "--fused" else f
+                                            for f in e.flags)) if e in fused else e
+            for e in chosen]
 
 
 def main(args, driver_flags):
     """Run the chosen strategies; driver_flags (e.g. --steps 5) go to every driver unchanged."""
     nproc, runs_on = choose_processes(args.nproc, args.device)
-    driver_flags = driver_flags + ["--device", args.device]
-    if "--layers" not in driver_flags:
-        # The interleaved pipelines need a layer for each of 2 stages per process and TP an
-        # even count: give every strategy the same model so their rows compare.
-        driver_flags = driver_flags + ["--layers", str(2 * nproc)]
     matching = [s for s in STRATEGIES if not args.only or any(selects(o, s.key) for o in args.only)]
     if not matching:
         raise UsageError(f"--only {args.only} matches none of: "
                          + ", ".join(s.key for s in STRATEGIES))
-    chosen = [s for s in matching if nproc >= s.min_processes]
-    skipped = [s.key for s in matching if nproc < s.min_processes]
+    if args.nproc is None and nproc > 2:
+        fits = most_processes_that_fit(matching, nproc, driver_flags, args.device)
+        if fits < nproc:
+            print(f"partlab lab: using {fits} of the {nproc} GPUs: on {nproc}, some strategies "
+                  f"cannot split these sizes (--nproc {nproc} says which and why)", flush=True)
+            nproc, runs_on = choose_processes(fits, args.device)
+    driver_flags = with_lab_defaults(driver_flags, nproc, args.device)
+    chosen, skipped = runnable(matching, nproc)
     if not chosen:
         raise UsageError(f"{', '.join(skipped)} need more than --nproc {nproc} processes")
-    precheck(chosen, nproc, driver_flags)
+    chosen = unfused_without_cuda_kernels(chosen, usable_gpus(args.device) >= nproc)
+    found = refusals(chosen, nproc, driver_flags)
+    if found:
+        raise UsageError("\npartlab: error: ".join(
+            f"{', '.join(keys)} on --nproc {nproc}: {reason}" for reason, keys in found.items()))
     print(f"partlab lab: {len(chosen)} strategies on {runs_on}"
-          + (f" ({', '.join(skipped)}: need more processes)" if skipped else ""), flush=True)
+          + (f" ({', '.join(skipped)}: need more processes)" if skipped else "")
+          + f", each with {' '.join(driver_flags)}", flush=True)
     records, commands, failed = [], [], []
     width = max(len(entry.key) for entry in chosen)
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,6 +7,7 @@ column-parallel (weight rows and bias split: each rank owns hidden/t outputs), l
 row-parallel (weight columns split, bias replicated: each rank owns a partial sum). Pipeline stages
 own contiguous layers; rank r of p holds stages r, r+p, ... (the interleaved placement).
 """
+import dataclasses
 import sys
 
 from partlab.config import INTERLEAVED, require
@@ -71,6 +72,29 @@ def default_layers(settings, pipeline_ranks=1, unit=1):
     (a layer; a column/row pair when the stages are tensor-parallel), so the handout's commands
     run on any number of processes."""
     return max(2, pipeline_ranks * (settings.virtual_stages or 1) * unit)
+
+
+def default_microbatches(settings, ranks):
+    """--microbatches when the user gave none: the handout's 4, or as many as the schedule needs
+    on `ranks` pipeline ranks (at least one per rank; the interleaved schedules a multiple of
+    them), the smallest such count that divides --batch-size."""
+    rounds, want = settings.schedule in INTERLEAVED, min(4, settings.batch_size)
+    start = ranks * -(-want // ranks) if rounds else max(want, ranks)
+    for m in range(start, settings.batch_size + 1, ranks if rounds else 1):
+        if settings.batch_size % m == 0:
+            return m
+    kind = f"a multiple of {ranks}" if rounds else f"at least {ranks}"
+    require(False, f"--schedule {settings.schedule} on {ranks} pipeline ranks needs --microbatches "
+                   f"{kind} that divides --batch-size {settings.batch_size}, and none does: "
+                   f"use --batch-size {start * 16} (or give --microbatches)")
+
+
+def pipeline_defaults(settings, ranks, unit=1):
+    """The settings with --layers and --microbatches filled in for `ranks` pipeline ranks."""
+    settings = settings.with_default_layers(default_layers(settings, ranks, unit))
+    if settings.microbatches is None:
+        settings = dataclasses.replace(settings, microbatches=default_microbatches(settings, ranks))
+    return settings
 
 
 def check_tensor_parallel(settings, ways, ways_flag="--nproc_per_node"):

@@ -15,7 +15,8 @@ that flow through the stages; between neighbours only activations (forward) and 
 Idle time (the bubble) is (p-1)/(v*m+p-1) of a step, v = 1 for gpipe and 1f1b: more
 microbatches or chunks shrink it. partlab/timeline.py measures it. The stages, their schedule and
 the step are built in partlab/stages.py; the layer split in partlab/partition.py. Without
---layers every stage gets a layer (at least the handout's 2 layers).
+--layers every stage gets a layer (at least the handout's 2 layers), and without --microbatches
+the schedule gets enough for every rank (at least the handout's 4).
 
 Run: torchrun --standalone --nproc_per_node 2 -m partlab.pipeline --schedule gpipe
 """
@@ -24,14 +25,14 @@ import functools
 from partlab import distributed, report
 from partlab.config import add_pipeline_flags, make_parser
 from partlab.harness import Strategy
-from partlab.partition import check_pipeline, default_layers, warn_about_bubble
+from partlab.partition import check_pipeline, pipeline_defaults, warn_about_bubble
 from partlab.stages import build_pipeline
 from partlab.timeline import Timeline
 
 
 def validate(settings, launch):
     p = launch.world_size
-    settings = settings.with_default_layers(default_layers(settings, pipeline_ranks=p))
+    settings = pipeline_defaults(settings, p)
     check_pipeline(settings, p)
     warn_about_bubble(settings, p, launch.local_rank)
     return settings
@@ -41,7 +42,8 @@ def build(settings, group):
     p = group.world_size
     step, params, stages, layout = build_pipeline(settings, group, group.rank, p)
     return Strategy(f"pipeline_{settings.schedule}", step, params, lambda name, full: full,
-                    loss_rank=p - 1, timeline=Timeline(stages), layout=layout)  # last stage
+                    loss_rank=p - 1,                    # the last stage
+                    timeline=Timeline(stages, group.device), layout=layout)
 
 
 def parser():

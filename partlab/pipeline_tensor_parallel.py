@@ -23,9 +23,9 @@ from partlab.harness import Strategy
 from partlab.partition import (
     check_pipeline,
     check_tensor_parallel,
-    default_layers,
     dtensor_plan,
     dtensor_shards,
+    pipeline_defaults,
     tp_slice,
     warn_about_bubble,
 )
@@ -48,7 +48,7 @@ def validate(settings, launch):
             f"{launch.world_size} processes do not split into groups of --tp {tp}: run a "
             f"multiple of {tp} processes (e.g. torchrun --nproc_per_node {2 * tp})")
     pp = launch.world_size // tp
-    settings = settings.with_default_layers(default_layers(settings, pipeline_ranks=pp, unit=2))
+    settings = pipeline_defaults(settings, pp, unit=2)
     check_tensor_parallel(settings, tp, ways_flag="--tp")
     check_pipeline(settings, pp, unit=2, processes_per_rank=tp)
     warn_about_bubble(settings, pp, launch.local_rank)
@@ -77,7 +77,8 @@ def build(settings, group):
     name = f"pipeline_tensor_parallel_{settings.schedule}" + ("_manual" if manual else "")
     return Strategy(name, step, params, reference_slice,
                     loss_rank=(pp - 1) * tp,            # the last stage's first tp rank
-                    timeline=Timeline(stages), layout=dataclasses.replace(layout, tp=tp))
+                    timeline=Timeline(stages, group.device),
+                    layout=dataclasses.replace(layout, tp=tp))
 
 
 def parser():

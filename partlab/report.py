@@ -40,6 +40,7 @@ class Bubble:
     per_step: list[float]
     per_rank: list[float]
     files: list[str] | None        # --timeline PNG and Chrome trace
+    clock: str = "host"            # what timed the calls: "host", or "cuda events" on a GPU
 
 
 @dataclasses.dataclass
@@ -71,6 +72,8 @@ class Record:
     stage_layers: list[list[int]] | None = None
     tp: int | None = None
     bubble: Bubble | None = None
+    # Where the workers' process group met (MASTER_ADDR:MASTER_PORT, as torchrun set them).
+    store: str | None = None
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -141,10 +144,13 @@ def finish(strategy, settings, group, trace):
         comm_per_step=[r[1] for r in per_rank], comm_in_backward=[r[2] for r in per_rank],
         comm_bytes_per_step=[r[3] for r in per_rank], settings=dataclasses.asdict(settings),
         pipeline_ranks=layout.ranks if layout else None,
-        stage_layers=layout.stage_layers if layout else None, tp=layout.tp if layout else None)
+        stage_layers=layout.stage_layers if layout else None, tp=layout.tp if layout else None,
+        store=f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        if "MASTER_ADDR" in os.environ else None)
     if strategy.timeline:
         record.bubble = measure_bubble(
             [(rank, *e) for rank, r in enumerate(per_rank) for e in r[5]], settings, record)
+        record.bubble.clock = strategy.timeline.clock.name
     print_summary(record)
     if settings.json:
         write_json(record.to_json(), settings.json)
@@ -229,7 +235,7 @@ def print_summary(r):
         formula = "(p-1)/(m+p-1)" if s["virtual_stages"] == 1 else "(p-1)/(v*m+p-1)"
         theory = f"theory {formula} = {b.theory:.1%}" if b.theory is not None else \
             "no closed-form theory for this schedule"
-        print(f"bubble (idle share of a step, from the timeline, median of steps "
-              f"{b.steps[0]}-{b.steps[-1]}): {b.measured:.1%}; {theory}")
+        print(f"bubble (idle share of a step, from the timeline ({b.clock} clock), median of "
+              f"steps {b.steps[0]}-{b.steps[-1]}): {b.measured:.1%}; {theory}")
         if b.files:
             print("timeline: " + ", ".join(b.files))

@@ -4,7 +4,9 @@ measured from it, and two pictures of it (a Gantt chart PNG and a Chrome trace J
 The stage's own compute calls are timed (PipelineStage.forward_one_chunk, backward_one_chunk and,
 for zero-bubble, backward_weight_one_chunk), so the bars are compute; the gaps between them are
 the bubble plus waiting for neighbours' messages. Ranks' clocks are aligned by one barrier
-before the first step.
+before the first step. On CPU a call returns when its work is done, so the host's clock times
+it; on a GPU it returns once its kernels are queued, so CUDA events recorded on the stream before
+and after it time the kernels instead, read once the step has synchronized (`read`).
 
 Bubble of a step = per rank, the share of the step's span (first bar on any rank to last bar on
 any rank) in which the rank computes nothing; averaged over ranks. (The last stage's loss is
@@ -16,6 +18,7 @@ import json
 import statistics
 import time
 
+import torch
 import torch.distributed as dist
 
 # Bar kinds: forward, full backward, and zero-bubble's split backward (input / weight gradient).
@@ -24,13 +27,54 @@ KINDS = {"F": "forward", "B": "backward", "I": "backward (input grad)",
 COLORS = {"F": "#4C72B0", "B": "#55A868", "I": "#8FBC8F", "W": "#C44E52"}
 
 
+class HostClock:
+    """Seconds on the host: what a call takes when it returns only once its work is done."""
+
+    name = "host"
+
+    def __init__(self):
+        self.zero = time.perf_counter()
+
+    def mark(self):
+        return time.perf_counter()
+
+    def reset(self):
+        self.zero = self.mark()
+
+    def seconds(self, mark):
+        return mark - self.zero
+
+
+class CudaClock:
+    """Seconds on the GPU: a mark is a CUDA event recorded on the current stream, so it is when
+    the GPU gets there, not when the host queued the work; readable once the stream has run."""
+
+    name = "cuda events"
+
+    def __init__(self):
+        self.zero = None
+
+    def mark(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def reset(self):
+        torch.cuda.synchronize()
+        self.zero = self.mark()
+
+    def seconds(self, mark):
+        return self.zero.elapsed_time(mark) / 1e3
+
+
 class Timeline:
     """Records (step, kind, microbatch, stage, start, end) for every compute call of `stages`."""
 
-    def __init__(self, stages):
+    def __init__(self, stages, device=None):
         self.events = []
+        self.pending = []           # the same with the clock's marks, until `read`
         self.step = None            # the step being recorded; None: not recording
-        self.zero = time.perf_counter()
+        self.clock = CudaClock() if device is not None and device.type == "cuda" else HostClock()
         for stage in stages:
             self._time(stage, "forward_one_chunk", lambda kwargs: "F")
             self._time(stage, "backward_one_chunk",
@@ -43,10 +87,10 @@ class Timeline:
         def timed(microbatch, *args, **kwargs):
             if self.step is None:
                 return compute(microbatch, *args, **kwargs)
-            start = time.perf_counter()
+            start = self.clock.mark()
             out = compute(microbatch, *args, **kwargs)
-            self.events.append((self.step, kind(kwargs), microbatch, stage.stage_index,
-                                start - self.zero, time.perf_counter() - self.zero))
+            self.pending.append((self.step, kind(kwargs), microbatch, stage.stage_index, start,
+                                 self.clock.mark()))
             return out
 
         setattr(stage, method, timed)
@@ -54,7 +98,14 @@ class Timeline:
     def align_clocks(self):
         """Every rank's time zero is the end of the same barrier (a collective: call on all)."""
         dist.barrier()
-        self.zero = time.perf_counter()
+        self.clock.reset()
+
+    def read(self):
+        """Turn the marks recorded so far into seconds since time zero: call after the step's
+        synchronize, when every CUDA event has happened."""
+        self.events += [(*event, self.clock.seconds(start), self.clock.seconds(end))
+                        for *event, start, end in self.pending]
+        self.pending = []
 
 
 def theory(p, m, v=1):

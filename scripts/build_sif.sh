@@ -5,8 +5,10 @@
 #                             [--def FILE] [--print-def] [-- APPTAINER_BUILD_ARGS...]
 #   --image REF     a local Docker image (default: partlab:latest): Bootstrap docker-daemon
 #   --archive FILE  an image archive from `docker save partlab -o partlab.tar` (or
-#                   `podman save --format docker-archive`): Bootstrap docker-archive; for a
-#                   cluster without Docker, copy the archive there and build from it
+#                   `podman save --format docker-archive`): Bootstrap docker-archive, or
+#                   oci-archive when the archive holds an OCI layout (`docker save` from
+#                   Docker >= 25 writes both, which older Apptainers read badly as a docker
+#                   archive); for a cluster without Docker, copy the archive there and build
 #   --podman REF    a podman image: saved to a temporary archive, then as --archive
 #   --out FILE      the image to write (default: partlab.sif)
 #   --def FILE      the definition (default: docker/partlab.def)
@@ -62,7 +64,11 @@ fi
 if [ -n "$archive" ]; then
   [ -f "$archive" ] || die "archive not found: $archive"
   archive="$(cd -- "$(dirname -- "$archive")" && pwd)/$(basename -- "$archive")"
-  sed -e 's|^Bootstrap:.*|Bootstrap: docker-archive|' -e "s|^From:.*|From: $archive|" \
+  bootstrap=docker-archive
+  if tar -tf "$archive" 2> /dev/null | grep -x -e 'oci-layout' -e './oci-layout' > /dev/null; then
+    bootstrap=oci-archive
+  fi
+  sed -e "s|^Bootstrap:.*|Bootstrap: $bootstrap|" -e "s|^From:.*|From: $archive|" \
     "$def" > "$tmp/partlab.def"
 else
   sed -e 's|^Bootstrap:.*|Bootstrap: docker-daemon|' -e "s|^From:.*|From: $image|" \

@@ -12,8 +12,9 @@
 # Usage: scripts/gpu_check.sh [--out DIR]    (default DIR: docs/gpu, or results/gpu-check
 #                                            without a GPU)
 # Env:   PYTHON (default .venv/bin/python when there is one, else python3), MAX_JOBS (parallel
-#        compile jobs), TORCH_CUDA_ARCH_LIST (default setup.py's: 8.0;9.0+PTX), KEEP=1 keeps the
-#        copy of the tree, PARTLAB_REVISION (the record's revision where the tree has no .git).
+#        compile jobs), TORCH_CUDA_ARCH_LIST (default setup.py's: each GPU family torch runs on),
+#        KEEP=1 keeps the copy of the tree, PARTLAB_REVISION (the record's revision where the
+#        tree has no .git).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-}"

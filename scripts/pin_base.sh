@@ -3,7 +3,8 @@
 #
 # usage: scripts/pin_base.sh [--check] [TAG...]
 #   TAG      image tags to resolve (default: the tags of the BASE_IMAGE and RUNTIME_IMAGE
-#            defaults in docker/Dockerfile, e.g. nvidia/cuda:13.0.0-devel-ubuntu24.04)
+#            defaults in docker/Dockerfile, e.g. nvidia/cuda:13.0.0-devel-ubuntu24.04, and of
+#            the CUDA 12.6 variant's `--build-arg BASE_IMAGE=...` lines in its header)
 #   --check  compare each resolved digest with the one in docker/Dockerfile; exit 1 on a
 #            difference (NVIDIA re-pushes tags with security updates: a new digest is a new base)
 # Prints `TAG@sha256:...` per tag: the multi-arch index digest, the value to paste into the
@@ -34,6 +35,9 @@ if [ "${#tags[@]}" -eq 0 ]; then
     [ -n "$ref" ] || die "no ARG $arg default in $dockerfile"
     tags+=("${ref%@*}")
   done
+  while read -r ref; do
+    tags+=("${ref%@*}")
+  done < <(sed -n 's/^#.*--build-arg [A-Z]*_IMAGE=\([^ ]*@sha256:[0-9a-f]*\).*/\1/p' "$dockerfile")
 fi
 
 command -v skopeo > /dev/null || command -v crane > /dev/null \

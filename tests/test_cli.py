@@ -1,10 +1,11 @@
 """The `partlab` command: the lab table with its provenance record, and the environment report."""
 import sys
+import types
 
 import pytest
 from launch import SMALL, run
 
-from partlab import cli, strategies
+from partlab import cli, lab, ops, strategies
 
 PARTLAB = [sys.executable, "-m", "partlab"]
 
@@ -43,14 +44,50 @@ def partlab_cli(capsys):
 
 
 def test_lab_checks_every_layout_before_launching(tmp_path, partlab_cli):
-    # 3 processes: TP cannot split 2048 columns, the interleaved schedules cannot run 4
-    # microbatches in rounds of 3. One line per reason, nothing launched.
+    # 3 processes: TP cannot split 2048 columns, the interleaved schedules cannot split the
+    # batch of 64 into rounds of 3 microbatches. One line per reason, nothing launched.
     status, out = partlab_cli("lab", "--nproc", "3", "--out", str(tmp_path))
     errors = [line for line in out.splitlines() if line.startswith("partlab: error:")]
     assert status == 2 and not list(tmp_path.iterdir())
     assert errors[0].startswith("partlab: error: tp-native, tp-manual, tp-manual-unfused on "
                                 "--nproc 3: --hidden-dim 2048 is not divisible by 3"), errors
     assert len(errors) == 3 and "pipeline-zero-bubble" in errors[2], errors
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("gpus,sizes,used", [
+    (8, [], 8), (6, [], 4), (3, [], 2), (6, ["--hidden-dim", "1536"], 4),
+    (6, ["--hidden-dim", "1536", "--batch-size", "96"], 6),
+])
+def test_lab_uses_the_most_gpus_that_its_sizes_split(gpus, sizes, used):
+    # On 6 GPUs the handout's hidden 2048 does not split 6 ways (TP) nor batch 64 into rounds of
+    # 6 microbatches (interleaved): the lab runs on 4 unless the sizes divide.
+    assert lab.most_processes_that_fit(strategies.STRATEGIES, gpus, sizes, "cpu") == used
+
+
+@pytest.mark.fast
+def test_lab_runs_manual_tp_unfused_on_gpus_without_cuda_kernels(monkeypatch, capsys):
+    monkeypatch.setattr(ops, "extension_info", lambda: {"built": True, "cuda": False})
+    assert lab.unfused_without_cuda_kernels(strategies.STRATEGIES, False) \
+        == strategies.STRATEGIES                              # CPU processes: the CPU kernels
+    entries = lab.unfused_without_cuda_kernels(strategies.STRATEGIES, True)
+    changed = [(e.key, e.flags) for e in entries if e not in strategies.STRATEGIES]
+    assert changed == [("tp-manual (unfused)", ("--no-fused",))]
+    assert "partlab lab: note: tp-manual run(s) unfused: the extension has no CUDA kernels" \
+        in capsys.readouterr().out
+
+
+@pytest.mark.fast
+def test_lab_names_an_nccl_watchdog_abort():
+    watchdog = ("[rank1]:[E1201 10:00:00.000 ProcessGroupNCCL.cpp:685] [Rank 1] Watchdog caught "
+                "collective operation timeout: WorkNCCL(SeqNum=9, OpType=ALLREDUCE, NumelIn=640, "
+                "Timeout(ms)=180000) ran for 180001 milliseconds before timing out.")
+    proc = types.SimpleNamespace(stdout="step 1\n", stderr=f"{watchdog}\nterminate called\n")
+    lines = lab.failure_lines(proc)
+    assert lines[0].startswith("partlab: error: an NCCL collective ran past --timeout and "
+                               "NCCL's watchdog aborted the process") and lines[1] == watchdog
+    proc.stderr = "Traceback (most recent call last):\n" + "  frame\n" * 20
+    assert lab.failure_lines(proc) == (proc.stderr + proc.stdout).splitlines()[-12:]
 
 
 def test_lab_rejects_an_unknown_strategy_filter(tmp_path, partlab_cli):

@@ -76,17 +76,31 @@ def test_bad_flags_fail_in_one_line_once_per_node(module, args, message):
     assert_one_line_error(proc, seconds, message)
 
 
-@pytest.mark.parametrize("module,nproc,args,layers", [
-    ("pipeline", 4, [], 4), ("pipeline", 2, ["--schedule", "interleaved-1f1b"], 4),
-    ("pipeline", 2, [], 2), ("pipeline_tensor_parallel", 8, ["--tp", "2"], 8),
-    ("tensor_parallel_native", 4, [], 2), ("pipeline", 4, ["--layers", "6"], 6),
+@pytest.mark.parametrize("module,nproc,args,layers,microbatches", [
+    ("pipeline", 4, [], 4, 4), ("pipeline", 2, ["--schedule", "interleaved-1f1b"], 4, 4),
+    ("pipeline", 2, [], 2, 4), ("pipeline_tensor_parallel", 8, ["--tp", "2"], 8, 4),
+    ("tensor_parallel_native", 4, [], 2, None), ("pipeline", 4, ["--layers", "6"], 6, 4),
+    ("pipeline", 8, ["--schedule", "1f1b"], 8, 8), ("pipeline", 6, [], 6, 8),
+    ("pipeline", 8, ["--schedule", "zero-bubble"], 16, 8),
+    ("pipeline", 8, ["--microbatches", "2"], 8, 2), ("pipeline", 2, ["--batch-size", "2"], 2, 2),
 ])
 @pytest.mark.fast
-def test_default_layers_give_every_stage_a_layer(module, nproc, args, layers):
-    # The handout's pipeline command on 4 GPUs, or interleaved on 2, needs no --layers.
+def test_default_sizes_follow_the_process_count(module, nproc, args, layers, microbatches):
+    # The handout's pipeline command on 4 or 8 GPUs, or interleaved on 2, needs no --layers and
+    # no --microbatches: every stage gets a layer and every rank a microbatch (rounds of p for
+    # the interleaved schedules, a count that divides the batch).
     driver = importlib.import_module(f"partlab.{module}")
     settings = driver.validate(parse(driver.parser(), args), Launch(0, nproc, 0, nproc))
-    assert settings.layers == layers
+    assert (settings.layers, settings.microbatches) == (layers, microbatches)
+
+
+@pytest.mark.fast
+def test_no_default_microbatches_fit_the_batch():
+    driver = importlib.import_module("partlab.pipeline")
+    with pytest.raises(UsageError, match="needs --microbatches a multiple of 3 that divides "
+                                         "--batch-size 64, and none does: use --batch-size 96"):
+        driver.validate(parse(driver.parser(), ["--schedule", "interleaved-1f1b"]),
+                        Launch(0, 3, 0, 3))
 
 
 @pytest.fixture

@@ -48,3 +48,11 @@ def test_the_driver_step_runs_every_driver_and_reads_its_step_time(tmp_path):
     record = {"provenance": gpu_check.provenance(ROOT), "steps": {"drivers": step}}
     table = gpu_check.markdown(record)
     assert "| driver pipeline-1f1b | ok | step " in table
+
+
+def test_the_timeline_step_names_the_clock_that_timed_it(tmp_path):
+    # On the GPU node the bubble must come from CUDA events; here, on CPU, from the host clock.
+    step = gpu_check.timeline(ROOT, 2, tmp_path, device="cpu")
+    assert step["status"] == "ok" and step["clock"] == "host", step
+    assert step["processes"] == 2 and 0 < step["theory"] < 1 and 0 < step["measured"] < 1
+    assert all(Path(f).stat().st_size > 0 for f in step["files"]), step

@@ -78,3 +78,71 @@ def test_activation_meter_counts_saved_tensors_once_and_frees_them():
     (loss + second).backward()
     del loss, second
     assert meter.live == 0
+
+
+class QueuedClock:
+    """A clock like CUDA's: a mark's time is known only once the queued work has run."""
+
+    def __init__(self):
+        self.times, self.ran = [], False
+
+    def mark(self):
+        self.times.append(0.5 * len(self.times))
+        return len(self.times) - 1
+
+    def reset(self):
+        pass
+
+    def seconds(self, mark):
+        assert self.ran, "a mark was read before the step synchronized"
+        return self.times[mark]
+
+
+class Stage:
+    stage_index = 1
+
+    def forward_one_chunk(self, microbatch, *args, **kwargs):
+        return "out"
+
+    def backward_one_chunk(self, microbatch, *args, **kwargs):
+        return None
+
+    def backward_weight_one_chunk(self, microbatch, *args, **kwargs):
+        return None
+
+
+@pytest.mark.fast
+def test_the_timeline_reads_its_clock_only_after_the_step():
+    stage = Stage()
+    recorder = timeline.Timeline([stage])
+    recorder.clock = QueuedClock()
+    stage.forward_one_chunk(3)                   # not recording: no marks
+    recorder.step = 0
+    assert stage.forward_one_chunk(3) == "out"
+    stage.backward_one_chunk(3, full_backward=False)
+    stage.backward_weight_one_chunk(3)
+    assert recorder.events == [] and len(recorder.pending) == 3
+    recorder.clock.ran = True                    # what the step's synchronize guarantees
+    recorder.read()
+    assert recorder.events == [(0, "F", 3, 1, 0.0, 0.5), (0, "I", 3, 1, 1.0, 1.5),
+                               (0, "W", 3, 1, 2.0, 2.5)]
+    assert recorder.pending == []
+
+
+@pytest.mark.fast
+def test_the_timeline_times_the_gpu_on_cuda_and_the_host_on_cpu():
+    assert isinstance(timeline.Timeline([], torch.device("cpu")).clock, timeline.HostClock)
+    assert isinstance(timeline.Timeline([], torch.device("cuda", 0)).clock, timeline.CudaClock)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_events_time_the_kernels_not_their_launch():
+    # A ~50 ms kernel is queued in microseconds: the host clock would see almost nothing.
+    clock = timeline.CudaClock()
+    clock.reset()
+    start = clock.mark()
+    torch.cuda._sleep(50_000_000)
+    end = clock.mark()
+    torch.cuda.synchronize()
+    assert clock.seconds(end) - clock.seconds(start) > 0.01

@@ -100,8 +100,11 @@ def assert_matches_reference(record, log, world_size=2):
 # --- the scripts themselves ------------------------------------------------------------------
 
 def test_scripts_use_strict_mode():
-    # shellcheck runs over every script in tests/test_lint.py.
-    for script in SCRIPTS:
+    # shellcheck runs over every script in tests/test_lint.py. node.sh is only sourced (by
+    # run.sbatch and launch.sh, which set the mode), so it has no #! line.
+    programs = [s for s in SCRIPTS if s.read_text().startswith("#!")]
+    assert len(programs) == len(SCRIPTS) - 1
+    for script in programs:
         assert "set -euo pipefail" in script.read_text(), script
 
 
@@ -180,8 +183,12 @@ def test_two_nodes(slurm, results, tmp_path, strategy):
                              env={"PARTLAB_ROOT": str(ROOT)}, cwd=tmp_path)
     assert_completed(job, info, log)
     assert info["NodeList"] == "n[1-2]", info
-    assert "--nnodes 2 --nproc-per-node 1 --rdzv-backend c10d" in log
-    assert_matches_reference(json.loads((results / job / f"{strategy}.json").read_text()), log)
+    for node, name in ((0, "n1"), (1, "n2")):
+        assert f"partlab-slurm: node {node} ({name}): 1 process(es), address 127.0.0.1" in log
+    record = json.loads((results / job / f"{strategy}.json").read_text())
+    assert_matches_reference(record, log)
+    # The workers' store is on the address the nodes printed, not this host's name.
+    assert record["store"].split(":")[0] == "127.0.0.1", record["store"]
 
 
 def test_pipeline_of_tensor_parallel_stages_across_two_nodes(slurm, results, tmp_path):
@@ -192,10 +199,52 @@ def test_pipeline_of_tensor_parallel_stages_across_two_nodes(slurm, results, tmp
                              "--layers", "4"],
                              env={"PARTLAB_ROOT": str(ROOT)}, cwd=tmp_path)
     assert_completed(job, info, log)
-    assert "--nnodes 2 --nproc-per-node 2 --rdzv-backend c10d" in log
+    assert "partlab-slurm: node 1 (n2): 2 process(es)" in log
     record = json.loads((results / job / "pipeline-tp.json").read_text())
     assert_matches_reference(record, log, world_size=4)
     assert record["pipeline_ranks"] == 2 and record["tp"] == 2
+
+
+EXAMPLE = re.compile(r"sbatch (?:-A \S+ -p \S+ )?--nodes=2 --gres=gpu:4 scripts/slurm/run\.sbatch "
+                     r"([^#\n]+)")
+
+
+def multi_node_examples():
+    """The 2-node x 4-GPU commands of the README, docs/slurm.md and run.sbatch's header: their
+    strategy and flags as written, each once."""
+    found = set()
+    for path in (ROOT / "README.md", ROOT / "docs" / "slurm.md", SLURM_DIR / "run.sbatch"):
+        found.update(m.group(1).strip() for m in EXAMPLE.finditer(path.read_text()))
+    return sorted(found)
+
+
+def test_the_docs_show_multi_node_examples():
+    assert len(multi_node_examples()) >= 4, multi_node_examples()
+
+
+@pytest.mark.parametrize("example", multi_node_examples())
+def test_multi_node_examples_run_as_written_on_two_nodes_of_four(slurm, results, tmp_path,
+                                                                 example):
+    """Each example with its own sizes on 2 nodes x 4 processes (CPU processes stand in for
+    --gres=gpu:4): the defaults (--layers, --microbatches) follow the 8 processes."""
+    job, info, log = run_job(slurm, results, ["--nodes=2", "--cpus-per-task=1"],
+                             [str(SLURM_DIR / "run.sbatch"), *example.split()],
+                             env={"PARTLAB_ROOT": str(ROOT), "PARTLAB_NPROC_PER_NODE": "4"},
+                             cwd=tmp_path)
+    assert_completed(job, info, log)
+    record = json.loads((results / job / f"{example.split()[0]}.json").read_text())
+    assert record["ok"] and record["world_size"] == 8, (record, log[-3000:])
+
+
+def test_a_job_with_a_named_export_list_still_reaches_its_step(slurm, results, tmp_path):
+    # --export=VARS (or NONE) leaves SLURM_EXPORT_ENV set, which the step's srun would inherit
+    # and so start launch.sh without the variables run.sbatch set (PARTLAB_RESULTS_DIR, ...).
+    env = job_env(results, PARTLAB_ROOT=str(ROOT))
+    job, info, log = run_job(slurm, results, [f"--export=PATH,{','.join(env)}"],
+                             [str(SLURM_DIR / "run.sbatch"), "tp-manual", *SMALL],
+                             env=env, cwd=tmp_path)
+    assert_completed(job, info, log)
+    assert_matches_reference(json.loads((results / job / "tp-manual.json").read_text()), log)
 
 
 def test_a_failing_rank_ends_the_job(slurm, results, tmp_path):
@@ -252,7 +301,7 @@ assert argv[0] == "exec", argv
 opts, i = {{"flags": [], "bind": [], "env_file": None, "pwd": None}}, 1
 while argv[i].startswith("-"):
     if argv[i] in ("--bind", "-B"):
-        opts["bind"].append(argv[i + 1]); i += 2
+        opts["bind"] += argv[i + 1].split(","); i += 2
     elif argv[i] == "--env-file":
         opts["env_file"] = argv[i + 1]; i += 2
     elif argv[i] == "--pwd":
@@ -323,64 +372,87 @@ def test_container_mode_passes_slurm_variables_and_binds(slurm, results, tmp_pat
 
 # --- the GPU branch, without GPUs: run.sbatch with stand-in scontrol and srun ------------------
 
-def run_sbatch_with_stubs(tmp_path, *args, log=None, **overrides):
-    """run.sbatch in what a 2-node, 4-GPU-per-node job would see: Slurm's variables faked,
-    scontrol answering, srun recording its argv (returned, one item per line). overrides: other
-    environment variables (None removes one); log: a file for run.sbatch's stdout."""
+def stub_env(tmp_path, **overrides):
+    """What a 2-node, 4-GPU-per-node job's batch script would see: Slurm's variables faked,
+    scontrol answering (node gpu0N at 10.1.2.N), srun recording its argv and environment, then
+    running the step's command as node 0 would (SLURM_NODEID 0, the step's own STEP_* variables
+    without the prefix), torchrun recording its argv. overrides: other environment variables
+    (None removes one)."""
     stub_dir = tmp_path / "bin"
     stub_dir.mkdir()
-    calls = tmp_path / "srun-calls"
     (stub_dir / "scontrol").write_text(
         "#!/bin/bash\n"
         'case "$1 $2" in\n'
         '  "show hostnames") printf "gpu07\\ngpu08\\n" ;;\n'
-        '  "show node") echo "NodeName=$3 Arch=x86_64 NodeAddr=10.1.2.7 NodeHostName=$3" ;;\n'
+        '  "show node") echo "NodeName=$3 NodeAddr=10.1.2.${3#gpu0} NodeHostName=$3" ;;\n'
         "esac\n")
     (stub_dir / "srun").write_text(
         "#!/bin/bash\n"
-        f'{{ printf "%s\\n" "$@"; echo "NCCL_DEBUG=$NCCL_DEBUG"; '
-        f'echo "TORCH_NCCL_ASYNC_ERROR_HANDLING=$TORCH_NCCL_ASYNC_ERROR_HANDLING"; }} > {calls}\n')
+        f'printf "%s\\n" "$@" > {tmp_path}/srun-argv\n'
+        f"env > {tmp_path}/srun-env\n"
+        'while [[ "$1" == -* ]]; do shift; done\n'
+        'for v in $(compgen -e STEP_); do export "${v#STEP_}=${!v}"; done\n'
+        'SLURM_NODEID=0 SLURMD_NODENAME=gpu07 exec "$@"\n')
+    (stub_dir / "torchrun").write_text(
+        f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path}/torchrun-argv\n')
     for stub in stub_dir.iterdir():
         stub.chmod(0o755)
+    venv = tmp_path / "venv"          # activating it puts the stubs before partlab's python
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text(
+        f'export PATH="{stub_dir}:{Path(sys.executable).parent}:$PATH"\n')
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "PARTLAB_", "NCCL_", "TORCH_NCCL_", "MASTER_"))}
+           if not k.startswith(("SLURM_", "PARTLAB_", "NCCL_", "TORCH_NCCL_", "MASTER_",
+                                "GLOO_"))}
     env.update(PATH=f"{stub_dir}:{env['PATH']}", SLURM_JOB_ID="123456", SLURM_NNODES="2",
                SLURM_JOB_NODELIST="gpu[07-08]", SLURM_GPUS_ON_NODE="4",
                SLURM_JOB_CPUS_PER_NODE="32(x2)", SLURM_SUBMIT_DIR=str(ROOT),
-               PARTLAB_RESULTS=str(tmp_path / "results"))
+               SLURMD_NODENAME="gpu07", PARTLAB_RESULTS=str(tmp_path / "results"),
+               PARTLAB_VENV=str(venv))
     for name, value in overrides.items():
         if value is None:
             env.pop(name, None)
         else:
             env[name] = value
+    return env
+
+
+def run_sbatch_with_stubs(tmp_path, *args, log=None, **overrides):
+    """run.sbatch under stub_env: returns (srun's argv, the step's environment, the argv that
+    node 0's launch.sh gave torchrun). log: a file for run.sbatch's stdout."""
     with open(log or os.devnull, "w") as out:
         proc = subprocess.run(["bash", str(SLURM_DIR / "run.sbatch"), *args], stdout=out,
-                              stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
-                              timeout=120, check=False)
+                              stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=120,
+                              env=stub_env(tmp_path, **overrides), check=False)
     assert proc.returncode == 0, proc.stderr
-    return calls.read_text().splitlines()
+    step_env = dict(line.partition("=")[::2]
+                    for line in (tmp_path / "srun-env").read_text().splitlines())
+    return ((tmp_path / "srun-argv").read_text().splitlines(), step_env,
+            (tmp_path / "torchrun-argv").read_text().splitlines())
 
 
 def test_gpu_allocation_runs_one_process_per_gpu_with_nccl_settings(tmp_path):
-    argv = run_sbatch_with_stubs(tmp_path, "pipeline", "--schedule", "1f1b")
+    srun, env, torchrun = run_sbatch_with_stubs(tmp_path, "pipeline", "--schedule", "1f1b")
     results = str(tmp_path / "results" / "123456")
     port = str(15000 + 123456 % 15000)
-    assert argv[:6] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=32",
-                        "--kill-on-bad-exit=1", "--label"], argv
-    command = argv[argv.index("torchrun"):]
-    assert command[:13] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "4",
-                            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"10.1.2.7:{port}",
-                            "--rdzv-id", "123456", "--max-restarts", "0"], command
-    assert command[13:] == ["-m", "partlab.pipeline", "--schedule", "1f1b", "--device", "cuda",
-                            "--json", f"{results}/pipeline.json", "--check", "NCCL_DEBUG=WARN",
-                            "TORCH_NCCL_ASYNC_ERROR_HANDLING=1"], command
+    assert srun[:7] == ["--export=ALL", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
+                        "--cpus-per-task=32", "--kill-on-bad-exit=1", "--label"], srun
+    # Node 0's own options first (launch.sh), then run.sbatch's command.
+    assert torchrun[:6] == ["--nproc-per-node", "4", "--local-addr", "10.1.2.7",
+                            "--rdzv-conf", "is_host=true"], torchrun
+    assert torchrun[6:17] == ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                              f"10.1.2.7:{port}", "--rdzv-id", "123456", "--max-restarts", "0",
+                              "-m"], torchrun
+    assert torchrun[17:] == ["partlab.pipeline", "--schedule", "1f1b", "--device", "cuda",
+                             "--json", f"{results}/pipeline.json", "--check"], torchrun
+    assert env["NCCL_DEBUG"] == "WARN" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
 
 
 @pytest.mark.parametrize("key", list(strategies.BY_KEY))
 def test_run_sbatch_runs_every_registry_strategy(key, tmp_path):
     # The registry is the one list: run.sbatch must launch each entry's own module and flags.
-    argv = run_sbatch_with_stubs(tmp_path, key, "--steps", "2")
-    command = argv[argv.index("torchrun") + 13:]
+    _, _, torchrun = run_sbatch_with_stubs(tmp_path, key, "--steps", "2")
+    command = torchrun[torchrun.index("-m"):]
     entry = strategies.get(key)
     assert command[:len(entry.command()) + 2] == [*entry.command(), "--steps", "2"], command
     assert f"{tmp_path}/results/123456/{key}.json" in command
@@ -393,11 +465,36 @@ def test_run_sbatch_runs_every_registry_strategy(key, tmp_path):
 def test_only_devices_cuda_can_use_count_as_gpus(visible, device, nproc, tmp_path):
     # Without SLURM_GPUS_ON_NODE the GPUs are CUDA_VISIBLE_DEVICES' entries, as CUDA reads
     # them: up to the first that is neither an index nor a UUID.
-    argv = run_sbatch_with_stubs(tmp_path, "tp-native", SLURM_GPUS_ON_NODE=None,
-                                 CUDA_VISIBLE_DEVICES=visible, SLURM_CPUS_PER_TASK="3")
-    command = argv[argv.index("torchrun"):]
-    assert command[command.index("--nproc-per-node") + 1] == nproc, command
-    assert command[command.index("--device") + 1] == device, command
+    _, _, torchrun = run_sbatch_with_stubs(tmp_path, "tp-native", SLURM_GPUS_ON_NODE=None,
+                                           CUDA_VISIBLE_DEVICES=visible, SLURM_CPUS_PER_TASK="3")
+    assert torchrun[torchrun.index("--nproc-per-node") + 1] == nproc, torchrun
+    assert torchrun[torchrun.index("--device") + 1] == device, torchrun
+
+
+def test_each_node_counts_its_own_gpus_and_the_step_inherits_no_per_task_shape(tmp_path):
+    # --gpus=6 on two nodes can be 4 + 2: the node's step sees 2, and starts 2 processes. The
+    # job's per-GPU and per-task requests are not passed on to the step's srun.
+    inherited = {"SLURM_CPUS_PER_GPU": "8", "SLURM_TRES_PER_TASK": "cpu:8",
+                 "SLURM_GPUS_PER_TASK": "1", "SLURM_MEM_PER_GPU": "1000"}
+    _, env, torchrun = run_sbatch_with_stubs(tmp_path, "tp-native", STEP_SLURM_GPUS_ON_NODE="2",
+                                             **inherited)
+    assert torchrun[:2] == ["--nproc-per-node", "2"], torchrun
+    assert not set(inherited) & set(env), {k: env[k] for k in set(inherited) & set(env)}
+
+
+def test_a_named_interface_gives_every_address(tmp_path):
+    _, env, torchrun = run_sbatch_with_stubs(tmp_path, "tp-native", PARTLAB_IFNAME="lo")
+    assert torchrun[torchrun.index("--local-addr") + 1] == "127.0.0.1", torchrun
+    assert env["MASTER_ADDR"] == "127.0.0.1"
+    assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "lo"
+    other = tmp_path / "unknown-interface"
+    other.mkdir()
+    proc = subprocess.run(["bash", str(SLURM_DIR / "run.sbatch"), "tp-native"],
+                          capture_output=True, text=True, cwd=other, timeout=60, check=False,
+                          env=stub_env(other, PARTLAB_IFNAME="no-such-if0"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "partlab-slurm: error: PARTLAB_IFNAME=no-such-if0: no IPv4 address on gpu07 "
+        "(ip -4 addr lists the interfaces)"], proc.stderr
 
 
 def test_the_log_stays_where_slurm_writes_it_when_results_are_on_another_file_system(tmp_path):
