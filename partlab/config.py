@@ -19,13 +19,19 @@ def require(condition, message):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+    model: str = "mlp"
     batch_size: int = 64
-    input_dim: int = 1024
     hidden_dim: int = 2048
-    num_classes: int = 10
     steps: int = 5
     layers: int | None = None      # None: the driver's default (partition.default_layers)
+    # --model mlp only
+    input_dim: int = 1024
+    num_classes: int = 10
     activation: str = "relu"
+    # --model gpt only
+    heads: int = 4
+    seq_len: int = 32
+    vocab_size: int = 64
     lr: float = 0.03
     seed: int = 0
     dtype: str = "fp32"
@@ -51,23 +57,51 @@ class Settings:
 
 
 DEFAULTS = Settings()
+# Each model's own flags, and what the other model's defaults become with --model gpt (a size
+# that trains every strategy on 2 CPU cores in seconds, and an SGD rate at which it learns).
+MODEL_FLAGS = {"mlp": ("input_dim", "num_classes", "activation"),
+               "gpt": ("heads", "seq_len", "vocab_size")}
+GPT_DEFAULTS = {"batch_size": 16, "hidden_dim": 64, "lr": 1.0}
+
+
+def default_lr(model):
+    return GPT_DEFAULTS["lr"] if model == "gpt" else DEFAULTS.lr
 
 
 def make_parser(prog, description):
     """The shared flags; a driver adds its own (pipeline: --microbatches, --schedule, --stages)."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     d = DEFAULTS
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step")
-    p.add_argument("--input-dim", type=int, default=d.input_dim, help="features per sample")
-    p.add_argument("--hidden-dim", type=int, default=d.hidden_dim, help="width of hidden layers")
-    p.add_argument("--num-classes", type=int, default=d.num_classes, help="output classes")
+    # A model's own flags and the sizes that differ by model default to None here, so that parse
+    # can tell a flag given from one left alone.
+    p.add_argument("--model", choices=("mlp", "gpt"), default=d.model,
+                   help="mlp: the handout's MLP; gpt: a small decoder-only transformer")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"samples per step (default {d.batch_size}; gpt "
+                        f"{GPT_DEFAULTS['batch_size']} sequences)")
+    p.add_argument("--hidden-dim", type=int, default=None,
+                   help=f"width of hidden layers (default {d.hidden_dim}; gpt "
+                        f"{GPT_DEFAULTS['hidden_dim']})")
     p.add_argument("--steps", type=int, default=d.steps, help="training steps (SGD)")
     p.add_argument("--layers", type=int, default=d.layers,
-                   help="linear layers in the MLP (default 2, the handout's MLP, or one per "
-                        "pipeline stage when there are more stages; TP needs an even count)")
-    p.add_argument("--activation", choices=("relu", "gelu"), default=d.activation,
-                   help="activation after every layer but the last (gelu: tanh approximation)")
-    p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
+                   help="linear layers in the MLP, blocks in the gpt (default 2, the handout's "
+                        "MLP, or one per pipeline stage when there are more stages; TP needs an "
+                        "even count of MLP layers)")
+    p.add_argument("--input-dim", type=int, default=None,
+                   help=f"mlp: features per sample (default {d.input_dim})")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help=f"mlp: output classes (default {d.num_classes})")
+    p.add_argument("--activation", choices=("relu", "gelu"), default=None,
+                   help="mlp: activation after every layer but the last (default relu; gelu: "
+                        "tanh approximation)")
+    p.add_argument("--heads", type=int, default=None,
+                   help=f"gpt: attention heads (default {d.heads})")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"gpt: tokens per sequence (default {d.seq_len})")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help=f"gpt: vocabulary (default {d.vocab_size})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"SGD learning rate (default {d.lr}; gpt {GPT_DEFAULTS['lr']})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for weights and synthetic data")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=d.dtype,
                    help="parameter and activation dtype")
@@ -106,18 +140,27 @@ def add_pipeline_flags(p):
 
 def parse(parser, argv=None):
     """Parse argv into Settings and check what needs no knowledge of the process group."""
-    args = parser.parse_args(argv)
-    s = Settings(**vars(args))
+    args = vars(parser.parse_args(argv))
+    other = "gpt" if args["model"] == "mlp" else "mlp"
+    for flag in MODEL_FLAGS[other]:
+        require(args[flag] is None, f"--{flag.replace('_', '-')} is a --model {other} flag: "
+                                    f"drop it, or add --model {other}")
+    defaults = GPT_DEFAULTS if args["model"] == "gpt" else {}
+    s = Settings(**{k: v if v is not None else defaults.get(k, getattr(DEFAULTS, k))
+                    for k, v in args.items()})
     if s.virtual_stages is None:
         s = dataclasses.replace(s, virtual_stages=2 if s.schedule in INTERLEAVED else 1)
     require(s.virtual_stages == 1 or s.schedule in INTERLEAVED,
             f"--virtual-stages {s.virtual_stages} needs an interleaved schedule: "
             f"--schedule {' or '.join(INTERLEAVED)}")
     for flag in ("batch_size", "input_dim", "hidden_dim", "num_classes", "steps", "layers",
-                 "microbatches", "virtual_stages", "tp"):
+                 "microbatches", "virtual_stages", "tp", "heads", "seq_len", "vocab_size"):
         require(getattr(s, flag) is None or getattr(s, flag) >= 1,
                 f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(s, flag)})")
     require(s.num_classes >= 2, f"--num-classes must be at least 2 (got {s.num_classes})")
+    require(s.model != "gpt" or s.hidden_dim % s.heads == 0,
+            f"--hidden-dim {s.hidden_dim} is not divisible by --heads {s.heads}: each head gets "
+            f"hidden/heads features; use a multiple of {s.heads}")
     require(s.lr > 0, f"--lr must be positive (got {s.lr})")
     require(s.timeout > 0, f"--timeout must be positive (got {s.timeout})")
     return s

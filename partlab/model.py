@@ -1,14 +1,18 @@
-"""The MLP every strategy trains, its synthetic data, and the single-device reference.
+"""The models every strategy trains (the handout's MLP here, `--model gpt` in gpt.py), their
+synthetic data, and the single-device reference.
 
 Every rank builds the *full* model from the seed (on the CPU, in fp32, so CPU and GPU runs start
 from the same numbers) and then keeps its own slice. Every strategy therefore starts from the
 reference's exact weights, and any difference after training is float rounding or a bug.
 """
+import contextlib
 import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from partlab import gpt
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -47,7 +51,9 @@ class MLP(nn.Module):
 
 def build_model(settings, device, keep=None):
     """The full model with the seed's weights, on `device` in the run's dtype; with `keep`
-    (layer indices) only those layers, as a pipeline stage holds them."""
+    (layer or block indices) only those, as a pipeline stage holds them."""
+    if settings.model == "gpt":
+        return gpt.build(settings, keep).to(device=device, dtype=DTYPES[settings.dtype])
     torch.manual_seed(settings.seed)
     model = MLP(settings.input_dim, settings.hidden_dim, settings.num_classes, settings.layers,
                 settings.activation)
@@ -68,6 +74,9 @@ def make_batch(settings, step, device):
 
     Every rank draws the same batch from (seed, step), so no data needs to be communicated.
     """
+    if settings.model == "gpt":
+        tokens, targets = gpt.make_batch(settings, step)
+        return tokens.to(device), targets.to(device)
     g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
     x = torch.randn(settings.batch_size, settings.input_dim, generator=g)
     y = (x @ _teacher(settings.seed, settings.input_dim, settings.num_classes)).argmax(dim=1)
@@ -75,12 +84,15 @@ def make_batch(settings, step, device):
 
 
 def loss_fn(logits, target):
-    """Mean cross-entropy, computed in fp32 whatever the run's dtype."""
-    return F.cross_entropy(logits.float(), target)
+    """Mean cross-entropy over every sample (MLP) or token (gpt), in fp32 whatever the run's
+    dtype."""
+    return F.cross_entropy(logits.float().flatten(0, -2), target.flatten())
 
 
 def parameter_count(settings):
     """Weights and biases of the full model."""
+    if settings.model == "gpt":
+        return gpt.parameter_count(settings)
     dims = [settings.input_dim] + [settings.hidden_dim] * (settings.layers - 1) \
         + [settings.num_classes]
     return sum(dims[i] * dims[i + 1] + dims[i + 1] for i in range(settings.layers))
@@ -90,27 +102,34 @@ def bytes_needed(settings):
     """A lower bound on what one process holds: the full model built from the seed in fp32
     (every rank builds it before keeping its slice) and the reference's weights and gradients,
     plus one step's activations of the reference. Used to refuse a size before allocating it."""
-    activations = settings.batch_size * (settings.input_dim + settings.num_classes
-                                         + settings.hidden_dim * (settings.layers - 1))
+    activations = gpt.activation_elements(settings) if settings.model == "gpt" else \
+        settings.batch_size * (settings.input_dim + settings.num_classes
+                               + settings.hidden_dim * (settings.layers - 1))
     return 4 * (3 * parameter_count(settings) + 2 * activations)
 
 
 def describe(settings):
     """The model in a few words, for a run's summary (settings: a record's settings dict)."""
     s = settings
+    if s.get("model") == "gpt":
+        return gpt.describe(s)
     return f"MLP {s['input_dim']}-{s['hidden_dim']}-{s['num_classes']} ({s['layers']} layers)"
 
 
-def reference_step_fn(model, settings):
+def reference_step_fn(model, settings, loss_of=loss_fn, loss_context=None):
     """One plain SGD step: the behaviour every strategy must reproduce. The tensor-parallel
-    drivers train with it too, on their sharded model: only the model differs."""
+    drivers train with it too, on their sharded model: only the model differs (and, for logits
+    sharded by vocabulary, the loss: by hand, or in loss_parallel's context, which its backward
+    needs too)."""
     opt = torch.optim.SGD(model.parameters(), lr=settings.lr)
 
     def step(x, y):
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
+        with (loss_context or contextlib.nullcontext)():
+            loss = loss_of(model(x), y)
+            loss.backward()
         opt.step()
-        return loss.detach()
+        loss = loss.detach()
+        return loss.full_tensor() if hasattr(loss, "full_tensor") else loss   # a DTensor's
 
     return step

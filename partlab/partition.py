@@ -24,8 +24,21 @@ def is_column_parallel(name):
     return layer_index(name) % 2 == 0
 
 
+# The gpt's tensor-parallel split by parameter name (Megatron-LM): vocabulary rows (padded to a
+# multiple of the ranks), column-parallel rows (whole heads: gpt.Attention's qkv layout) and
+# row-parallel columns; everything else (norms, position embedding, row biases) replicated.
+GPT_VOCAB, GPT_COLUMN, GPT_ROW = ("tok.weight", "head.weight"), (".qkv.", ".fc."), ".proj.weight"
+
+
+def vocab_shard(vocab_size, ways):
+    """Rows of the vocabulary each rank holds: ceil(vocab / ways), the last rank's padded."""
+    return -(-vocab_size // ways)
+
+
 def tp_slice(name, full, rank, ways):
     """Tensor-parallel rank `rank`'s part of the reference parameter `full` called `name`."""
+    if not name.startswith("layers."):
+        return gpt_tp_slice(name, full, rank, ways)
     if is_column_parallel(name):
         return full.chunk(ways, dim=0)[rank]       # weight rows and bias: this rank's outputs
     if name.endswith("weight"):
@@ -33,26 +46,60 @@ def tp_slice(name, full, rank, ways):
     return full                                    # row-parallel bias: replicated
 
 
+def gpt_tp_slice(name, full, rank, ways):
+    if name in GPT_VOCAB:
+        rows = vocab_shard(full.shape[0], ways)
+        padded = full.new_zeros(rows * ways, full.shape[1])
+        padded[:full.shape[0]] = full
+        return padded[rank * rows:(rank + 1) * rows]
+    if any(part in name for part in GPT_COLUMN):
+        return full.chunk(ways, dim=0)[rank]
+    if name.endswith(GPT_ROW):
+        return full.chunk(ways, dim=1)[rank]
+    return full
+
+
 def dtensor_plan(model):
     """The same plan in DTensor's terms, for parallelize_module: one all_reduce per pair.
 
-    DTensor is imported here, not above, so that manual TP never loads it."""
+    The gpt (Megatron-LM's split): the qkv linear column-parallel, so each rank holds whole heads;
+    the attention's output projection and the MLP's second linear row-parallel; the token
+    embedding split by vocabulary rows (each rank looks up its own rows, zeros elsewhere, one
+    all_reduce); the LM head column-parallel with its logits left sharded by vocabulary, for
+    loss_parallel's cross-entropy (never gathered). Norms and the position embedding are
+    replicated. DTensor is imported here, not above, so that manual TP never loads it."""
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    return {f"layers.{name}": ColwiseParallel() if int(name) % 2 == 0 else RowwiseParallel()
-            for name in model.layers}
+    if not hasattr(model, "blocks"):
+        return {f"layers.{name}": ColwiseParallel() if int(name) % 2 == 0 else RowwiseParallel()
+                for name in model.layers}
+    plan = {"tok": RowwiseParallel(input_layouts=Replicate()),
+            "head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)}
+    plan = {name: style for name, style in plan.items()      # a pipeline stage may lack them
+            if getattr(model, name) is not None}
+    for name in model.blocks:
+        for column in ("attn.qkv", "fc"):
+            plan[f"blocks.{name}.{column}"] = ColwiseParallel()
+        for row in ("attn.proj", "proj"):
+            plan[f"blocks.{name}.{row}"] = RowwiseParallel()
+    return plan
 
 
 def dtensor_shards(params, mesh):
-    """DTensor parameters -> ({name: this rank's shard}, reference_slice(name, full)): the
-    reference sharded with each parameter's own placements. src_data_rank=None slices locally
-    instead of scattering from rank 0, so this is no collective."""
-    from torch.distributed.tensor import distribute_tensor
+    """Parameters, some DTensors -> ({name: this rank's part}, reference_slice(name, full)): the
+    reference sharded with each DTensor's own placements, plain parameters whole.
+    src_data_rank=None slices locally instead of scattering from rank 0, so this is no
+    collective."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
     def reference_slice(name, full):
+        if not isinstance(params[name], DTensor):
+            return full
         return distribute_tensor(full, mesh, params[name].placements, src_data_rank=None).to_local()
 
-    return {n: p.to_local() for n, p in params.items()}, reference_slice
+    return {n: p.to_local() if isinstance(p, DTensor) else p for n, p in params.items()}, \
+        reference_slice
 
 
 def stage_layers(num_layers, stage, num_stages, unit=1):
@@ -98,7 +145,13 @@ def pipeline_defaults(settings, ranks, unit=1):
 
 
 def check_tensor_parallel(settings, ways, ways_flag="--nproc_per_node"):
-    """What a tensor-parallel MLP needs: whole column/row pairs and a width that divides."""
+    """What a tensor-parallel model needs: a width that divides, and whole column/row pairs
+    (MLP) or whole heads on every rank (gpt)."""
+    if settings.model == "gpt":
+        require(settings.heads % ways == 0,
+                f"--heads {settings.heads} is not divisible by {ways} processes: each rank "
+                f"holds whole heads; use a multiple of {ways} or change {ways_flag}")
+        return
     require(settings.layers % 2 == 0,
             f"--layers {settings.layers}: tensor parallelism pairs a column- with a row-parallel "
             "layer, so use an even number of layers")

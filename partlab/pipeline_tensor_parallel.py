@@ -31,11 +31,12 @@ from partlab.partition import (
 )
 from partlab.stages import build_pipeline
 from partlab.timeline import Timeline
+from partlab.tp_gpt import TensorParallelGPT, vocab_parallel_loss
 from partlab.tp_layers import ColumnRowParallelMLP
 
 try:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import parallelize_module
+    from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
 except ImportError as e:
     raise SystemExit(missing_torch_feature("torch.distributed.tensor.parallel", e)) from None
 
@@ -48,27 +49,38 @@ def validate(settings, launch):
             f"{launch.world_size} processes do not split into groups of --tp {tp}: run a "
             f"multiple of {tp} processes (e.g. torchrun --nproc_per_node {2 * tp})")
     pp = launch.world_size // tp
-    settings = pipeline_defaults(settings, pp, unit=2)
+    unit = stage_unit(settings)
+    settings = pipeline_defaults(settings, pp, unit=unit)
     check_tensor_parallel(settings, tp, ways_flag="--tp")
-    check_pipeline(settings, pp, unit=2, processes_per_rank=tp)
+    check_pipeline(settings, pp, unit=unit, processes_per_rank=tp)
     warn_about_bubble(settings, pp, launch.local_rank)
     return settings
 
 
+def stage_unit(settings):
+    """What a stage holds whole: an MLP's column/row pairs, a gpt's blocks."""
+    return 1 if settings.model == "gpt" else 2
+
+
 def build(settings, group):
-    tp, manual = settings.tp, settings.tp_impl == "manual"
+    tp, manual, gpt = settings.tp, settings.tp_impl == "manual", settings.model == "gpt"
     pp = group.world_size // tp
     mesh = init_device_mesh(group.device.type, (pp, tp), mesh_dim_names=("pp", "tp"))
-    tp_mesh = mesh["tp"]
+    tp_mesh, tp_group = mesh["tp"], mesh["tp"].get_group()
 
     def shard(stage):
+        if manual and gpt:
+            return TensorParallelGPT(stage, settings.vocab_size, group=tp_group)
         if manual:
-            return ColumnRowParallelMLP(stage, group=tp_mesh.get_group())
+            return ColumnRowParallelMLP(stage, group=tp_group)
         return parallelize_module(stage, tp_mesh, dtensor_plan(stage))
 
+    # The gpt's last stage has logits split by vocabulary: its loss is vocabulary-parallel.
+    loss = {"loss_fn": vocab_parallel_loss(settings.vocab_size, tp_group)} if manual and gpt \
+        else {"step_context": loss_parallel} if gpt else {}
     step, params, stages, layout = build_pipeline(
-        settings, group, group.rank // tp, pp, process_group=mesh["pp"].get_group(), unit=2,
-        shard=shard)
+        settings, group, group.rank // tp, pp, process_group=mesh["pp"].get_group(),
+        unit=stage_unit(settings), shard=shard, **loss)
     if manual:   # this rank's place in its stage: rank = pipeline_rank * tp + tp_index
         def reference_slice(name, full):
             return tp_slice(name, full, group.rank % tp, tp)

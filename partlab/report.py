@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from partlab import model as models
 from partlab import timeline as pipeline_timeline
-from partlab.config import DEFAULTS
+from partlab.config import default_lr
 from partlab.harness import peak_memory_mib, run_steps, timed_steps
 
 # Tolerances against the reference (max abs difference after all steps).
@@ -176,7 +176,7 @@ def failure_reason(record, settings):
     if not math.isfinite(worst) or worst > 10 * first:
         return (f"the run diverged (the reference's own loss went from {first:.3g} to "
                 f"{worst:.3g}), so float rounding no longer bounds the difference: lower --lr "
-                f"(now {settings.lr:g}; default {DEFAULTS.lr:g})")
+                f"(now {settings.lr:g}; default {default_lr(settings.model):g})")
     return f"{record.strategy} deviates from the reference beyond tolerance"
 
 

@@ -4,6 +4,8 @@ schedule from torch.distributed.pipelining, and an SGD step over them.
 A schedule divides gradients by the microbatch count (scale_grads=True) and the loss per
 microbatch is a plain mean, so one step equals the reference's full-batch step.
 """
+import contextlib
+
 import torch
 
 from partlab import missing_torch_feature
@@ -28,11 +30,13 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
              "zero-bubble": ScheduleInterleavedZeroBubble}
 
 
-def build_pipeline(settings, group, rank, ranks, process_group=None, unit=1, shard=None):
+def build_pipeline(settings, group, rank, ranks, process_group=None, unit=1, shard=None,
+                   loss_fn=mlp.loss_fn, step_context=None):
     """This rank's stages, their schedule and an SGD step over them.
 
     rank, ranks: place in the pipeline (process_group: its processes, default all);
-    shard(module) -> module, applied to each stage (the 2-D mode's tensor parallelism).
+    shard(module) -> module, applied to each stage (the 2-D mode's tensor parallelism), whose
+    logits loss_fn takes (in step_context, e.g. loss_parallel, when it needs one).
     Returns (step, {name: parameter} of this rank's stages, the stages, layout).
     """
     total = ranks * settings.virtual_stages
@@ -44,7 +48,7 @@ def build_pipeline(settings, group, rank, ranks, process_group=None, unit=1, sha
         stages.append(PipelineStage(modules[-1], stage, total, group.device, group=process_group))
     schedule = SCHEDULES[settings.schedule](
         stages if settings.schedule in INTERLEAVED else stages[0],
-        n_microbatches=settings.microbatches, loss_fn=mlp.loss_fn)
+        n_microbatches=settings.microbatches, loss_fn=loss_fn)
     params = {n: p for module in modules for n, p in module.named_parameters()}
     opt = torch.optim.SGD(params.values(), lr=settings.lr)
     first, last = stages[0].is_first, stages[-1].is_last
@@ -54,9 +58,14 @@ def build_pipeline(settings, group, rank, ranks, process_group=None, unit=1, sha
         losses = []
         inputs = (x,) if first else ()
         targets = {"target": y, "losses": losses} if last else {}
-        schedule.step(*inputs, **targets)
+        with (step_context or contextlib.nullcontext)():
+            schedule.step(*inputs, **targets)
         opt.step()
-        return torch.stack(losses).mean() if last else None
+        if not last:
+            return None
+        losses = [loss.full_tensor() if hasattr(loss, "full_tensor") else loss  # a DTensor's
+                  for loss in losses]
+        return torch.stack(losses).mean()
 
     layout = PipelineLayout(
         ranks=ranks, stage_layers=[list(stage_layers(settings.layers, s, total, unit))

@@ -22,6 +22,7 @@ from partlab import model as models
 from partlab.config import make_parser, require
 from partlab.harness import Strategy
 from partlab.partition import check_tensor_parallel, default_layers
+from partlab.tp_gpt import TensorParallelGPT
 from partlab.tp_layers import ColumnRowParallelMLP
 
 
@@ -42,10 +43,15 @@ def validate_device(settings, group):
 
 def build(settings, group):
     validate_device(settings, group)
-    model = ColumnRowParallelMLP(models.build_model(settings, group.device), fused=settings.fused)
+    full = models.build_model(settings, group.device)
+    if settings.model == "gpt":
+        model = TensorParallelGPT(full, settings.vocab_size, fused=settings.fused)
+        step = models.reference_step_fn(model, settings, loss_of=model.loss)
+    else:
+        model = ColumnRowParallelMLP(full, fused=settings.fused)
+        step = models.reference_step_fn(model, settings)
     name = "tensor_parallel_manual" + ("" if settings.fused else " (unfused)")
-    return Strategy(name, models.reference_step_fn(model, settings),
-                    dict(model.named_parameters()), model.reference_slice)
+    return Strategy(name, step, dict(model.named_parameters()), model.reference_slice)
 
 
 def parser():

@@ -21,7 +21,7 @@ from partlab.partition import check_tensor_parallel, default_layers, dtensor_pla
 
 try:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import parallelize_module
+    from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
 except ImportError as e:
     raise SystemExit(missing_torch_feature("torch.distributed.tensor.parallel", e)) from None
 
@@ -36,7 +36,9 @@ def build(settings, group):
     mesh = init_device_mesh(group.device.type, (group.world_size,))
     model = models.build_model(settings, group.device)
     model = parallelize_module(model, mesh, dtensor_plan(model))
-    return Strategy("tensor_parallel_native", models.reference_step_fn(model, settings),
+    step = models.reference_step_fn(
+        model, settings, loss_context=loss_parallel if settings.model == "gpt" else None)
+    return Strategy("tensor_parallel_native", step,
                     *dtensor_shards(dict(model.named_parameters()), mesh))
 
 

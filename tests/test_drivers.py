@@ -16,7 +16,7 @@ from launch import SMALL, torchrun
 from reference import plain_reference
 
 from partlab import strategies
-from partlab.config import Settings
+from partlab.config import GPT_DEFAULTS, Settings
 from partlab.report import TOLERANCE
 
 FAST = pytest.mark.fast   # the fast lane: one run per strategy (the 2-process ones from the lab)
@@ -46,6 +46,16 @@ def sized(layers):
     return ["--microbatches", "4", "--layers", str(layers)]
 
 
+GPT = ["--model", "gpt", "--steps", "3"]       # the gpt's own defaults: 2 blocks, 4 heads, ...
+GPT_RUNS = {f"gpt {key}": (strategies.get(key).module, [*strategies.get(key).flags, *GPT])
+            for key in ("tp-native", "tp-manual", "tp-manual-unfused", "pipeline-gpipe",
+                        "pipeline-1f1b", "pipeline-interleaved-1f1b", "pipeline-zero-bubble")}
+# A vocabulary that 2 ranks cannot split evenly: manual TP pads it, DTensor shards it unevenly.
+GPT_RUNS.update({f"gpt {key} vocab 65": (module, [*flags, "--vocab-size", "65"])
+                 for key, (module, flags) in
+                 (("tp-manual", GPT_RUNS["gpt tp-manual"]),
+                  ("tp-native", GPT_RUNS["gpt tp-native"]))})
+
 # The runs that the session's lab (2 processes) does not cover, by world size: each world size
 # is one torchrun launch of tests/helpers/runs.py (a process group, the runs one after another).
 RUNS = {
@@ -53,14 +63,18 @@ RUNS = {
                                           "4", "--timeline", "{tmp}/timeline"]),
         "bf16 tp-native": entry_run("tp-native", "--dtype", "bf16"),
         "bf16 tp-manual gelu": entry_run("tp-manual", "--dtype", "bf16", "--activation", "gelu"),
-        "bf16 pipeline-1f1b": entry_run("pipeline-1f1b", "--dtype", "bf16")},
+        "bf16 pipeline-1f1b": entry_run("pipeline-1f1b", "--dtype", "bf16"), **GPT_RUNS},
     3: {f"pipeline-{s}": entry_run(f"pipeline-{s}", *sized(4)) for s in ("gpipe", "1f1b")},
     4: {**{key: entry_run(key) for key in ("tp-native", "tp-manual", "tp-manual-unfused")},
         **{f"pipeline-{s}": entry_run(f"pipeline-{s}", *sized(4)) for s in ("gpipe", "1f1b")},
         "pipeline-interleaved-1f1b": entry_run("pipeline-interleaved-1f1b", *sized(8)),
         **{f"{key} {s}": entry_run(key, "--schedule", s, *sized(8))
            for key, s in (("pp-tp-native", "gpipe"), ("pp-tp-native", "interleaved-1f1b"),
-                          ("pp-tp-manual", "gpipe"))}},
+                          ("pp-tp-manual", "gpipe"))},
+        **{name: GPT_RUNS[name] for name in ("gpt tp-native", "gpt tp-manual",
+                                             "gpt pipeline-1f1b")},
+        **{f"gpt {key}": (strategies.get(key).module, [*strategies.get(key).flags, *GPT])
+           for key in ("pp-tp-native", "pp-tp-manual")}},
 }
 
 
@@ -210,3 +224,32 @@ def test_check_fails_when_the_result_is_wrong(tmp_path):
                        "partlab.tensor_parallel_manual", *SMALL, "--check")
     assert proc.returncode != 0
     assert "EXCEEDED" in proc.stdout and "deviates from the reference" in proc.stdout
+
+
+@pytest.mark.parametrize("name,nproc", [(name, 2) for name in GPT_RUNS]
+                         + [(name, 4) for name in ("gpt tp-native", "gpt tp-manual",
+                                                   "gpt pipeline-1f1b", "gpt pp-tp-native",
+                                                   "gpt pp-tp-manual")])
+def test_gpt_matches_reference_and_learns(name, nproc, launched):
+    record = launched(nproc, name)
+    tol = TOLERANCE["fp32"]
+    assert record["ok"] and record["max_abs_dloss"] <= tol["loss"], record
+    assert record["max_abs_dparam"] <= tol["param"] and record["world_size"] == nproc
+    losses = record["losses"]
+    assert losses[0] > 4 and losses[-1] < 0.9 * losses[0], losses   # ln 64 = 4.16, falling
+    if name.startswith(("gpt tp-native", "gpt tp-manual")):
+        # Megatron-LM's count: the embedding's all_reduce, then per block 2 forward (attention
+        # and MLP outputs) and 2 backward (their inputs' gradients), and the LM head's input
+        # gradient; every one a [batch, seq, hidden] fp32 tensor. Manual TP's loss adds its 3
+        # (max, sum of exponentials, target logit) of [tokens]; loss_parallel's run inside
+        # DTensor's op handlers, where the counter does not see them.
+        s, blocks = Settings(**GPT_DEFAULTS), 2
+        tokens = s.batch_size * s.seq_len
+        manual = name.startswith("gpt tp-manual")
+        count = 2 + 4 * blocks + 3 * manual
+        size = 4 * tokens * (s.hidden_dim * (2 + 4 * blocks) + 3 * manual)
+        for total, backward, payload in zip(record["comm_per_step"], record["comm_in_backward"],
+                                            record["comm_bytes_per_step"], strict=True):
+            assert total == {"all_reduce": count}, total
+            assert backward == {"all_reduce": 1 + 2 * blocks}, backward
+            assert payload == {"all_reduce": size}, payload

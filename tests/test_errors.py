@@ -54,6 +54,13 @@ LAUNCH_2 = Launch(rank=0, world_size=2, local_rank=0, local_world_size=2)
     ("pipeline_tensor_parallel", ["--hidden-dim", "129"], "not divisible by 2 processes"),
     ("pipeline_tensor_parallel", ["--layers", "2"], "cannot make 2 stages (2 ranks x 1"),
     ("tensor_parallel_manual", ["--lr", "-1"], "--lr must be positive"),
+    ("tensor_parallel_native", ["--heads", "4"],
+     "--heads is a --model gpt flag: drop it, or add --model gpt"),
+    ("pipeline", ["--model", "gpt", "--input-dim", "8"],
+     "--input-dim is a --model mlp flag: drop it, or add --model mlp"),
+    ("pipeline", ["--model", "gpt", "--hidden-dim", "66"], "not divisible by --heads 4"),
+    ("tensor_parallel_native", ["--model", "gpt", "--heads", "3", "--hidden-dim", "66"],
+     "--heads 3 is not divisible by 2 processes: each rank holds whole heads"),
 ])
 @pytest.mark.fast
 def test_bad_flags_are_refused_before_any_process_group(module, args, message):

@@ -5,9 +5,9 @@ import pytest
 import torch
 from reference import plain_reference
 
-from partlab import harness, partition
+from partlab import gpt, harness, partition
 from partlab import model as mlp
-from partlab.config import Settings
+from partlab.config import GPT_DEFAULTS, Settings
 
 pytestmark = pytest.mark.fast
 SMALL = Settings(batch_size=16, input_dim=32, hidden_dim=48, num_classes=5, steps=4, layers=3)
@@ -66,3 +66,40 @@ def test_stages_own_every_layer_once_in_order(layers, stages, unit):
     assert all(owned) and all(len(stage) % unit == 0 for stage in owned)
     # Interleaved placement: rank r of p holds stages r, r + p, ...
     assert partition.stage_ids(1, 2, 3) == [1, 3, 5]
+
+
+GPT_LAB = Settings(model="gpt", layers=4, **GPT_DEFAULTS)   # what `partlab lab --model gpt` runs
+
+
+def test_gpt_reference_learns_within_the_labs_default_steps():
+    # The lab's gpt (4 blocks on 2 processes, the default 5 steps): the Markov data's pattern
+    # is learnt fast enough that the last loss is at most 70% of the first (ln 64 = 4.16).
+    model = mlp.build_model(GPT_LAB, torch.device("cpu"))
+    losses = harness.run_steps(GPT_LAB, torch.device("cpu"),
+                               mlp.reference_step_fn(model, GPT_LAB)).losses
+    assert len(losses) == 5 and 4.0 < losses[0] < 4.6 and losses[-1] <= 0.7 * losses[0], losses
+
+
+def test_gpt_batches_follow_the_markov_chain():
+    tokens, targets = mlp.make_batch(GPT_LAB, 3, "cpu")
+    again, _ = mlp.make_batch(GPT_LAB, 3, "cpu")
+    assert torch.equal(tokens, again) and tokens.shape == targets.shape == (16, 32)
+    assert torch.equal(tokens[:, 1:], targets[:, :-1])          # targets: the next tokens
+    successor = gpt._successor(GPT_LAB.seed, GPT_LAB.vocab_size)
+    follows = (successor[tokens] == targets).float().mean().item()
+    assert abs(follows - gpt.FOLLOW) < 0.05, follows           # plus chance hits of 1/64
+
+
+def test_gpt_parameter_count_is_the_models():
+    s = dataclasses.replace(GPT_LAB, vocab_size=65, heads=2)
+    model = mlp.build_model(s, torch.device("cpu"))
+    assert mlp.parameter_count(s) == sum(p.numel() for p in model.parameters())
+
+
+def test_gpt_pipeline_stages_own_their_blocks_and_ends():
+    first, middle, last = (mlp.build_model(GPT_LAB, torch.device("cpu"), keep=k)
+                           for k in ([0], [1, 2], [3]))
+    assert first.head is None and first.tok is not None and list(first.blocks) == ["0"]
+    assert middle.tok is None and middle.head is None and list(middle.blocks) == ["1", "2"]
+    assert last.tok is None and last.head is not None and "blocks.3.attn.qkv.weight" in \
+        dict(last.named_parameters())
