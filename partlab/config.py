@@ -32,6 +32,7 @@ class Settings:
     heads: int = 4
     seq_len: int = 32
     vocab_size: int = 64
+    sequence_parallel: bool = False     # tensor-parallel drivers only
     lr: float = 0.03
     seed: int = 0
     dtype: str = "fp32"
@@ -60,7 +61,7 @@ DEFAULTS = Settings()
 # Each model's own flags, and what the other model's defaults become with --model gpt (a size
 # that trains every strategy on 2 CPU cores in seconds, and an SGD rate at which it learns).
 MODEL_FLAGS = {"mlp": ("input_dim", "num_classes", "activation"),
-               "gpt": ("heads", "seq_len", "vocab_size")}
+               "gpt": ("heads", "seq_len", "vocab_size", "sequence_parallel")}
 GPT_DEFAULTS = {"batch_size": 16, "hidden_dim": 64, "lr": 1.0}
 
 
@@ -100,6 +101,9 @@ def make_parser(prog, description):
                    help=f"gpt: tokens per sequence (default {d.seq_len})")
     p.add_argument("--vocab-size", type=int, default=None,
                    help=f"gpt: vocabulary (default {d.vocab_size})")
+    p.add_argument("--sequence-parallel", action="store_true", default=None,
+                   help="gpt with tensor parallelism: split the norms' and residuals' "
+                        "activations along the sequence (all_gather / reduce_scatter)")
     p.add_argument("--lr", type=float, default=None,
                    help=f"SGD learning rate (default {d.lr}; gpt {GPT_DEFAULTS['lr']})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for weights and synthetic data")

@@ -59,7 +59,7 @@ def gpt_tp_slice(name, full, rank, ways):
     return full
 
 
-def dtensor_plan(model):
+def dtensor_plan(model, sequence_parallel=False):
     """The same plan in DTensor's terms, for parallelize_module: one all_reduce per pair.
 
     The gpt (Megatron-LM's split): the qkv linear column-parallel, so each rank holds whole heads;
@@ -67,22 +67,42 @@ def dtensor_plan(model):
     embedding split by vocabulary rows (each rank looks up its own rows, zeros elsewhere, one
     all_reduce); the LM head column-parallel with its logits left sharded by vocabulary, for
     loss_parallel's cross-entropy (never gathered). Norms and the position embedding are
-    replicated. DTensor is imported here, not above, so that manual TP never loads it."""
+    replicated. DTensor is imported here, not above, so that manual TP never loads it.
+
+    With sequence_parallel (the gpt's), the residual stream between the TP regions is split
+    along the sequence, Shard(1): the norms are SequenceParallel, each column layer gathers its
+    input (all_gather; reduce_scatter of the gradient), each row layer reduce_scatters its
+    output, and the embeddings' sum is split along the sequence as it enters the first block."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
 
     if not hasattr(model, "blocks"):
         return {f"layers.{name}": ColwiseParallel() if int(name) % 2 == 0 else RowwiseParallel()
                 for name in model.layers}
+    sharded = {"input_layouts": Shard(1)} if sequence_parallel else {}
+    column, row = ColwiseParallel(**sharded), \
+        RowwiseParallel(**({"output_layouts": Shard(1)} if sequence_parallel else {}))
     plan = {"tok": RowwiseParallel(input_layouts=Replicate()),
-            "head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)}
+            "head": ColwiseParallel(**sharded, output_layouts=Shard(-1), use_local_output=False)}
+    if sequence_parallel:
+        plan["ln_f"] = SequenceParallel()
+        if model.tok is not None:
+            plan[f"blocks.{next(iter(model.blocks))}"] = PrepareModuleInput(
+                input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
+                use_local_output=True)
     plan = {name: style for name, style in plan.items()      # a pipeline stage may lack them
-            if getattr(model, name) is not None}
+            if getattr(model, name.split(".")[0]) is not None}
     for name in model.blocks:
-        for column in ("attn.qkv", "fc"):
-            plan[f"blocks.{name}.{column}"] = ColwiseParallel()
-        for row in ("attn.proj", "proj"):
-            plan[f"blocks.{name}.{row}"] = RowwiseParallel()
+        plan |= {f"blocks.{name}.attn.qkv": column, f"blocks.{name}.fc": column,
+                 f"blocks.{name}.attn.proj": row, f"blocks.{name}.proj": row}
+        if sequence_parallel:
+            plan |= {f"blocks.{name}.ln1": SequenceParallel(),
+                     f"blocks.{name}.ln2": SequenceParallel()}
     return plan
 
 
@@ -151,6 +171,9 @@ def check_tensor_parallel(settings, ways, ways_flag="--nproc_per_node"):
         require(settings.heads % ways == 0,
                 f"--heads {settings.heads} is not divisible by {ways} processes: each rank "
                 f"holds whole heads; use a multiple of {ways} or change {ways_flag}")
+        require(not settings.sequence_parallel or settings.seq_len % ways == 0,
+                f"--seq-len {settings.seq_len} is not divisible by {ways} processes: sequence "
+                f"parallelism splits the sequence; use a multiple of {ways}")
         return
     require(settings.layers % 2 == 0,
             f"--layers {settings.layers}: tensor parallelism pairs a column- with a row-parallel "

@@ -23,7 +23,7 @@ Run: torchrun --standalone --nproc_per_node 2 -m partlab.pipeline --schedule gpi
 import functools
 
 from partlab import distributed, report
-from partlab.config import add_pipeline_flags, make_parser
+from partlab.config import add_pipeline_flags, make_parser, require
 from partlab.harness import Strategy
 from partlab.partition import check_pipeline, pipeline_defaults, warn_about_bubble
 from partlab.stages import build_pipeline
@@ -33,6 +33,10 @@ from partlab.timeline import Timeline
 def validate(settings, launch):
     p = launch.world_size
     settings = pipeline_defaults(settings, p)
+    require(not settings.sequence_parallel,
+            "--sequence-parallel splits tensor parallelism's activations along the sequence: "
+            "use it with tensor_parallel_native, tensor_parallel_manual or "
+            "pipeline_tensor_parallel")
     check_pipeline(settings, p)
     warn_about_bubble(settings, p, launch.local_rank)
     return settings

@@ -70,10 +70,11 @@ def build(settings, group):
 
     def shard(stage):
         if manual and gpt:
-            return TensorParallelGPT(stage, settings.vocab_size, group=tp_group)
+            return TensorParallelGPT(stage, settings.vocab_size, group=tp_group,
+                                     sequence_parallel=settings.sequence_parallel)
         if manual:
             return ColumnRowParallelMLP(stage, group=tp_group)
-        return parallelize_module(stage, tp_mesh, dtensor_plan(stage))
+        return parallelize_module(stage, tp_mesh, dtensor_plan(stage, settings.sequence_parallel))
 
     # The gpt's last stage has logits split by vocabulary: its loss is vocabulary-parallel.
     loss = {"loss_fn": vocab_parallel_loss(settings.vocab_size, tp_group)} if manual and gpt \

@@ -45,7 +45,8 @@ def build(settings, group):
     validate_device(settings, group)
     full = models.build_model(settings, group.device)
     if settings.model == "gpt":
-        model = TensorParallelGPT(full, settings.vocab_size, fused=settings.fused)
+        model = TensorParallelGPT(full, settings.vocab_size, fused=settings.fused,
+                                  sequence_parallel=settings.sequence_parallel)
         step = models.reference_step_fn(model, settings, loss_of=model.loss)
     else:
         model = ColumnRowParallelMLP(full, fused=settings.fused)

@@ -35,7 +35,7 @@ def validate(settings, launch):
 def build(settings, group):
     mesh = init_device_mesh(group.device.type, (group.world_size,))
     model = models.build_model(settings, group.device)
-    model = parallelize_module(model, mesh, dtensor_plan(model))
+    model = parallelize_module(model, mesh, dtensor_plan(model, settings.sequence_parallel))
     step = models.reference_step_fn(
         model, settings, loss_context=loss_parallel if settings.model == "gpt" else None)
     return Strategy("tensor_parallel_native", step,

@@ -13,6 +13,13 @@ tp_layers.py's f and g on any process group.
                never the [tokens, vocab] logits gathered
 A vocabulary that does not divide is padded to a multiple of t; the padded rows are zeros, and
 their logits are left out of the loss, so it equals the unpadded reference.
+
+With sequence parallelism (Korthikanti et al. 2022) the residual stream, the norms and the
+dropout-free rest between the TP regions hold seq/t of the tokens: f and g become
+tp_layers.py's all_gather / reduce_scatter pair (the same bytes), the embeddings are split along
+the sequence after their all_reduce (Megatron's order when positions are learned), and the norms'
+and row biases' gradients, now partial sums over the sequence, are all_reduced as they arrive.
+The pipeline sends 1/t of the activations between stages.
 """
 import torch
 import torch.distributed as dist
@@ -22,7 +29,16 @@ from torch import nn
 from partlab import ops
 from partlab.gpt import attend
 from partlab.partition import tp_slice, vocab_shard
-from partlab.tp_layers import CopyToTensorParallel, ReduceFromTensorParallel
+from partlab.tp_layers import (
+    CopyToTensorParallel,
+    GatherFromSequenceParallel,
+    ReduceFromTensorParallel,
+    ReduceScatterToSequenceParallel,
+    ScatterToSequenceParallel,
+)
+
+# Parameters that act on each rank's own part of the sequence under sequence parallelism.
+SEQUENCE_SHARDED = (".ln1.", ".ln2.", "ln_f.", ".proj.bias")
 
 
 class VocabParallelCrossEntropy(torch.autograd.Function):
@@ -72,16 +88,29 @@ class TensorParallelGPT(nn.Module):
     parameters are replaced by this rank's slices (partition.tp_slice), run with f and g over
     `group` (None: every process). Parameter names stay the reference's."""
 
-    def __init__(self, model, vocab_size, group=None, fused=False):
+    def __init__(self, model, vocab_size, group=None, fused=False, sequence_parallel=False):
         super().__init__()
         self.tok, self.pos, self.blocks = model.tok, model.pos, model.blocks
         self.ln_f, self.head = model.ln_f, model.head
-        self.group, self.fused = group, fused
+        self.group, self.fused, self.sequence_parallel = group, fused, sequence_parallel
+        self.enter = GatherFromSequenceParallel if sequence_parallel else CopyToTensorParallel
+        self.leave = ReduceScatterToSequenceParallel if sequence_parallel \
+            else ReduceFromTensorParallel
         rank, ways = dist.get_rank(group), dist.get_world_size(group)
         self.start = rank * vocab_shard(vocab_size, ways)
         self.loss = vocab_parallel_loss(vocab_size, group)
         for name, param in self.named_parameters():
             param.data = tp_slice(name, param.data, rank, ways).clone()
+            if sequence_parallel and any(part in name for part in SEQUENCE_SHARDED):
+                param.register_hook(self.sum_over_sequence)
+
+    def sum_over_sequence(self, grad):
+        """Each gradient that reaches the parameter (one per pipeline microbatch), summed over
+        the sequence's ranks before it is accumulated. Megatron sums the accumulated gradient
+        once per step instead: fewer calls, the same sum."""
+        grad = grad.clone()
+        dist.all_reduce(grad, group=self.group)
+        return grad
 
     def reference_slice(self, name, full):
         """This rank's part of a reference parameter, sliced as its own copy was."""
@@ -92,11 +121,12 @@ class TensorParallelGPT(nn.Module):
         mine = (tokens >= self.start) & (tokens < self.start + rows)
         x = F.embedding(torch.where(mine, tokens - self.start, 0), self.tok.weight)
         x = ReduceFromTensorParallel.apply(x * mine[..., None], self.group)
-        return x + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
+        x = x + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
+        return ScatterToSequenceParallel.apply(x, self.group) if self.sequence_parallel else x
 
     def row_parallel(self, layer, x):
-        """x B_i summed over ranks (g), then the bias, once."""
-        return ReduceFromTensorParallel.apply(F.linear(x, layer.weight), self.group) + layer.bias
+        """x B_i summed over ranks (g, or its reduce_scatter), then the bias, once."""
+        return self.leave.apply(F.linear(x, layer.weight), self.group) + layer.bias
 
     def mlp_hidden(self, block, x):
         if self.fused:
@@ -107,11 +137,11 @@ class TensorParallelGPT(nn.Module):
         if self.tok is not None:
             x = self.embed(x)
         for block in self.blocks.values():
-            h = CopyToTensorParallel.apply(block.ln1(x), self.group)
+            h = self.enter.apply(block.ln1(x), self.group)
             x = x + self.row_parallel(block.attn.proj, attend(block.attn.qkv(h),
                                                               block.attn.head_dim))
-            h = CopyToTensorParallel.apply(block.ln2(x), self.group)
+            h = self.enter.apply(block.ln2(x), self.group)
             x = x + self.row_parallel(block.proj, self.mlp_hidden(block, h))
         if self.head is None:
             return x
-        return self.head(CopyToTensorParallel.apply(self.ln_f(x), self.group))
+        return self.head(self.enter.apply(self.ln_f(x), self.group))

@@ -48,6 +48,66 @@ class ReduceFromTensorParallel(torch.autograd.Function):
         return grad, None
 
 
+# Sequence parallelism's conjugate pair (Korthikanti et al. 2022): where f and g meet a region
+# whose activations are split along the sequence (dim 1) instead of replicated, the all_reduce
+# becomes a reduce_scatter and the identity an all_gather; same bytes, and the norms and
+# residuals between them hold 1/t of the activations.
+
+def _all_gather(x, group):
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def _reduce_scatter(x, group):
+    parts = [part.contiguous() for part in x.chunk(dist.get_world_size(group), dim=1)]
+    out = torch.empty_like(parts[dist.get_rank(group)])
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
+class GatherFromSequenceParallel(torch.autograd.Function):
+    """Enters a tensor-parallel region (f's place): all_gather of the sequence forward,
+    reduce_scatter of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.group), None
+
+
+class ReduceScatterToSequenceParallel(torch.autograd.Function):
+    """Leaves a tensor-parallel region (g's place): partial sums reduce_scattered along the
+    sequence forward, the gradient all_gathered backward."""
+
+    @staticmethod
+    def forward(ctx, partial, group):
+        ctx.group = group
+        return _reduce_scatter(partial, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.group), None
+
+
+class ScatterToSequenceParallel(torch.autograd.Function):
+    """A replicated tensor split along the sequence (no communication), its gradient
+    all_gathered backward: where the embeddings enter the sequence-parallel region."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.chunk(dist.get_world_size(group), dim=1)[dist.get_rank(group)].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.group), None
+
+
 class ColumnRowParallelMLP(nn.Module):
     """An MLP (or a pipeline stage's whole column/row pairs of one) whose parameters are replaced
     by this rank's slices, running forward with f and g over `group` (None: every process).

@@ -55,6 +55,9 @@ GPT_RUNS.update({f"gpt {key} vocab 65": (module, [*flags, "--vocab-size", "65"])
                  for key, (module, flags) in
                  (("tp-manual", GPT_RUNS["gpt tp-manual"]),
                   ("tp-native", GPT_RUNS["gpt tp-native"]))})
+GPT_SP = {f"gpt {key} sp": (strategies.get(key).module,
+                            [*strategies.get(key).flags, *GPT, "--sequence-parallel"])
+          for key in ("tp-native", "tp-manual", "pp-tp-native", "pp-tp-manual")}
 
 # The runs that the session's lab (2 processes) does not cover, by world size: each world size
 # is one torchrun launch of tests/helpers/runs.py (a process group, the runs one after another).
@@ -63,7 +66,8 @@ RUNS = {
                                           "4", "--timeline", "{tmp}/timeline"]),
         "bf16 tp-native": entry_run("tp-native", "--dtype", "bf16"),
         "bf16 tp-manual gelu": entry_run("tp-manual", "--dtype", "bf16", "--activation", "gelu"),
-        "bf16 pipeline-1f1b": entry_run("pipeline-1f1b", "--dtype", "bf16"), **GPT_RUNS},
+        "bf16 pipeline-1f1b": entry_run("pipeline-1f1b", "--dtype", "bf16"), **GPT_RUNS,
+        **{name: GPT_SP[name] for name in ("gpt tp-native sp", "gpt tp-manual sp")}},
     3: {f"pipeline-{s}": entry_run(f"pipeline-{s}", *sized(4)) for s in ("gpipe", "1f1b")},
     4: {**{key: entry_run(key) for key in ("tp-native", "tp-manual", "tp-manual-unfused")},
         **{f"pipeline-{s}": entry_run(f"pipeline-{s}", *sized(4)) for s in ("gpipe", "1f1b")},
@@ -74,7 +78,7 @@ RUNS = {
         **{name: GPT_RUNS[name] for name in ("gpt tp-native", "gpt tp-manual",
                                              "gpt pipeline-1f1b")},
         **{f"gpt {key}": (strategies.get(key).module, [*strategies.get(key).flags, *GPT])
-           for key in ("pp-tp-native", "pp-tp-manual")}},
+           for key in ("pp-tp-native", "pp-tp-manual")}, **GPT_SP},
 }
 
 
@@ -227,9 +231,10 @@ def test_check_fails_when_the_result_is_wrong(tmp_path):
 
 
 @pytest.mark.parametrize("name,nproc", [(name, 2) for name in GPT_RUNS]
+                         + [(name, 2) for name in ("gpt tp-native sp", "gpt tp-manual sp")]
                          + [(name, 4) for name in ("gpt tp-native", "gpt tp-manual",
                                                    "gpt pipeline-1f1b", "gpt pp-tp-native",
-                                                   "gpt pp-tp-manual")])
+                                                   "gpt pp-tp-manual", *GPT_SP)])
 def test_gpt_matches_reference_and_learns(name, nproc, launched):
     record = launched(nproc, name)
     tol = TOLERANCE["fp32"]
@@ -237,7 +242,21 @@ def test_gpt_matches_reference_and_learns(name, nproc, launched):
     assert record["max_abs_dparam"] <= tol["param"] and record["world_size"] == nproc
     losses = record["losses"]
     assert losses[0] > 4 and losses[-1] < 0.9 * losses[0], losses   # ln 64 = 4.16, falling
-    if name.startswith(("gpt tp-native", "gpt tp-manual")):
+    if name.startswith(("gpt tp-native", "gpt tp-manual")) and name.endswith(" sp"):
+        # Sequence parallelism: each all_reduce of a block becomes a reduce_scatter + all_gather
+        # (Korthikanti et al. 2022). all_gather: forward the 2 per block and the head's input,
+        # backward the 2 row outputs' per block and the embeddings' split; reduce_scatter: the
+        # reverse, without the split. An all_gather hands over [batch, seq/t, hidden], a
+        # reduce_scatter [batch, seq, hidden]: together an all_reduce's bytes.
+        s, blocks = Settings(**GPT_DEFAULTS), 2
+        full = 4 * s.batch_size * s.seq_len * s.hidden_dim
+        for total, payload in zip(record["comm_per_step"], record["comm_bytes_per_step"],
+                                  strict=True):
+            assert total["all_gather"] == 4 * blocks + 2, total
+            assert total["reduce_scatter"] == 4 * blocks + 1, total
+            assert payload["all_gather"] == (4 * blocks + 2) * full // nproc, payload
+            assert payload["reduce_scatter"] == (4 * blocks + 1) * full, payload
+    elif name.startswith(("gpt tp-native", "gpt tp-manual")):
         # Megatron-LM's count: the embedding's all_reduce, then per block 2 forward (attention
         # and MLP outputs) and 2 backward (their inputs' gradients), and the LM head's input
         # gradient; every one a [batch, seq, hidden] fp32 tensor. Manual TP's loss adds its 3

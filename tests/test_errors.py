@@ -61,6 +61,11 @@ LAUNCH_2 = Launch(rank=0, world_size=2, local_rank=0, local_world_size=2)
     ("pipeline", ["--model", "gpt", "--hidden-dim", "66"], "not divisible by --heads 4"),
     ("tensor_parallel_native", ["--model", "gpt", "--heads", "3", "--hidden-dim", "66"],
      "--heads 3 is not divisible by 2 processes: each rank holds whole heads"),
+    ("tensor_parallel_manual", ["--model", "gpt", "--sequence-parallel", "--seq-len", "31"],
+     "--seq-len 31 is not divisible by 2 processes: sequence parallelism splits the sequence"),
+    ("pipeline", ["--model", "gpt", "--sequence-parallel"],
+     "--sequence-parallel splits tensor parallelism's activations along the sequence"),
+    ("tensor_parallel_manual", ["--sequence-parallel"], "--sequence-parallel is a --model gpt"),
 ])
 @pytest.mark.fast
 def test_bad_flags_are_refused_before_any_process_group(module, args, message):
