@@ -51,9 +51,13 @@ def fail(message):
 
 
 def nvcc(*args):
-    """The output of the nvcc that torch will compile with."""
-    return subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), *args],
-                          capture_output=True, text=True).stdout
+    """The output of the nvcc that torch will compile with ("" where CUDA_HOME has none: a
+    runtime-only CUDA install)."""
+    try:
+        return subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), *args],
+                              capture_output=True, text=True).stdout
+    except OSError:
+        return ""
 
 
 def nvcc_major():
@@ -87,10 +91,11 @@ def default_arch_list():
 def toolkit_problem():
     """(why, fix) where no CUDA kernels can be built here for this CUDA torch, else None."""
     need = torch.version.cuda.split(".")[0]
-    if CUDA_HOME is None:
+    if CUDA_HOME is None or not os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        where = "(PATH, CUDA_HOME, /usr/local/cuda)" if CUDA_HOME is None else \
+            f"in {CUDA_HOME} (a CUDA runtime without its compiler?)"
         return (f"torch {torch.__version__} has CUDA {torch.version.cuda} but no nvcc was found "
-                "(PATH, CUDA_HOME, /usr/local/cuda)",
-                f"install a CUDA {need}.x toolkit (or export CUDA_HOME to one)")
+                f"{where}", f"install a CUDA {need}.x toolkit (or export CUDA_HOME to one)")
     found = nvcc_major()
     if found is not None and found != int(need):
         return (f"nvcc in {CUDA_HOME} is CUDA {found} but torch {torch.__version__} was built "

@@ -8,7 +8,7 @@ without bias. The attention reshapes to heads with -1, so a tensor-parallel rank
 of the qkv features runs the same code on its own heads.
 
 Data: a seeded Markov chain over the vocabulary. Each token's successor is a fixed random
-permutation of it with probability 0.8, else uniform, so the ideal loss is about 1.2 nats against
+permutation of it with probability 0.8, else uniform, so the ideal loss is about 1.3 nats against
 ln(vocab) at the start: a pattern that a small model learns within the lab's steps (through the
 embedding -> head path first, attention not needed), generated from (seed, step) on every rank.
 """

@@ -31,7 +31,8 @@ GPT_VOCAB, GPT_COLUMN, GPT_ROW = ("tok.weight", "head.weight"), (".qkv.", ".fc."
 
 
 def vocab_shard(vocab_size, ways):
-    """Rows of the vocabulary each rank holds: ceil(vocab / ways), the last rank's padded."""
+    """Rows of the vocabulary each rank holds: ceil(vocab / ways); the last ranks' rows are
+    padding where the vocabulary runs out (9 on 4 ranks: 3, 3, 3 and 3 of padding)."""
     return -(-vocab_size // ways)
 
 
@@ -142,18 +143,21 @@ def default_layers(settings, pipeline_ranks=1, unit=1):
 
 
 def default_microbatches(settings, ranks):
-    """--microbatches when the user gave none: the handout's 4, or as many as the schedule needs
-    on `ranks` pipeline ranks (at least one per rank; the interleaved schedules a multiple of
-    them), the smallest such count that divides --batch-size."""
-    rounds, want = settings.schedule in INTERLEAVED, min(4, settings.batch_size)
+    """--microbatches when the user gave none: the handout's 4, or as many as the schedule wants
+    on `ranks` pipeline ranks (one per rank; the interleaved schedules a multiple of them), the
+    smallest such count that divides --batch-size. Where none does, GPipe and the interleaved
+    schedules take fewer than the ranks (the largest count below them that divides the batch:
+    they run, with warn_about_bubble's warning); 1F1B cannot."""
+    b, rounds = settings.batch_size, settings.schedule in INTERLEAVED
+    want = min(4, b)
     start = ranks * -(-want // ranks) if rounds else max(want, ranks)
-    for m in range(start, settings.batch_size + 1, ranks if rounds else 1):
-        if settings.batch_size % m == 0:
+    for m in range(start, b + 1, ranks if rounds else 1):
+        if b % m == 0:
             return m
-    kind = f"a multiple of {ranks}" if rounds else f"at least {ranks}"
-    require(False, f"--schedule {settings.schedule} on {ranks} pipeline ranks needs --microbatches "
-                   f"{kind} that divides --batch-size {settings.batch_size}, and none does: "
-                   f"use --batch-size {start * 16} (or give --microbatches)")
+    require(settings.schedule != "1f1b",
+            f"--schedule 1f1b needs at least one microbatch per stage ({ranks}), but --batch-size "
+            f"{b} has fewer samples: use --batch-size {ranks * 4} or more")
+    return max(m for m in range(1, min(ranks, b + 1)) if b % m == 0)
 
 
 def pipeline_defaults(settings, ranks, unit=1):

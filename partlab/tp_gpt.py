@@ -58,7 +58,8 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         dist.all_reduce(total, group=group)
         mine = (target >= start) & (target < start + logits.shape[1])
         local = torch.where(mine, target - start, 0)
-        picked = shifted.gather(1, local[:, None]).squeeze(1) * mine
+        # where, not a product: a rank holding only padding has -inf there, and -inf * 0 is nan
+        picked = torch.where(mine, shifted.gather(1, local[:, None]).squeeze(1), 0.0)
         dist.all_reduce(picked, group=group)
         ctx.save_for_backward(exp / total[:, None], mine, local)
         return (total.log() - picked).mean()

@@ -44,24 +44,26 @@ def partlab_cli(capsys):
 
 
 def test_lab_checks_every_layout_before_launching(tmp_path, partlab_cli):
-    # 3 processes: TP cannot split 2048 columns, the interleaved schedules cannot split the
-    # batch of 64 into rounds of 3 microbatches. One line per reason, nothing launched.
-    status, out = partlab_cli("lab", "--nproc", "3", "--out", str(tmp_path))
+    # 3 processes: TP cannot split 2048 columns; with --schedule 1f1b and --batch-size 2 the
+    # pipelines cannot give each stage a microbatch either. One line per reason, nothing
+    # launched.
+    status, out = partlab_cli("lab", "--nproc", "3", "--out", str(tmp_path), "--batch-size", "2")
     errors = [line for line in out.splitlines() if line.startswith("partlab: error:")]
     assert status == 2 and not list(tmp_path.iterdir())
     assert errors[0].startswith("partlab: error: tp-native, tp-manual, tp-manual-unfused on "
                                 "--nproc 3: --hidden-dim 2048 is not divisible by 3"), errors
-    assert len(errors) == 3 and "pipeline-zero-bubble" in errors[2], errors
+    assert len(errors) == 2 and errors[1].startswith("partlab: error: pipeline-1f1b on --nproc "
+                                                     "3: --schedule 1f1b needs"), errors
 
 
 @pytest.mark.fast
 @pytest.mark.parametrize("gpus,sizes,used", [
-    (8, [], 8), (6, [], 4), (3, [], 2), (6, ["--hidden-dim", "1536"], 4),
-    (6, ["--hidden-dim", "1536", "--batch-size", "96"], 6),
+    (8, [], 8), (6, [], 4), (3, [], 2), (6, ["--hidden-dim", "1536"], 6),
+    (5, ["--hidden-dim", "1280"], 4),
 ])
 def test_lab_uses_the_most_gpus_that_its_sizes_split(gpus, sizes, used):
-    # On 6 GPUs the handout's hidden 2048 does not split 6 ways (TP) nor batch 64 into rounds of
-    # 6 microbatches (interleaved): the lab runs on 4 unless the sizes divide.
+    # On 6 GPUs the handout's hidden 2048 does not split 6 ways (TP): the lab runs on 4 unless
+    # the sizes divide; on 5 the pipeline x TP rows cannot pair processes.
     assert lab.most_processes_that_fit(strategies.STRATEGIES, gpus, sizes, "cpu") == used
 
 

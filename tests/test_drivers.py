@@ -9,6 +9,7 @@ which launches every registry entry exactly as these tests would.
 import collections
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,10 @@ RUNS = {
         **{name: GPT_RUNS[name] for name in ("gpt tp-native", "gpt tp-manual",
                                              "gpt pipeline-1f1b")},
         **{f"gpt {key}": (strategies.get(key).module, [*strategies.get(key).flags, *GPT])
-           for key in ("pp-tp-native", "pp-tp-manual")}, **GPT_SP},
+           for key in ("pp-tp-native", "pp-tp-manual")}, **GPT_SP,
+        # 9 on 4 ranks is 3 + 3 + 3 + 0: the last rank holds only padding.
+        "gpt tp-manual vocab 9": (GPT_RUNS["gpt tp-manual"][0],
+                                  [*GPT_RUNS["gpt tp-manual"][1], "--vocab-size", "9"])},
 }
 
 
@@ -234,14 +238,16 @@ def test_check_fails_when_the_result_is_wrong(tmp_path):
                          + [(name, 2) for name in ("gpt tp-native sp", "gpt tp-manual sp")]
                          + [(name, 4) for name in ("gpt tp-native", "gpt tp-manual",
                                                    "gpt pipeline-1f1b", "gpt pp-tp-native",
-                                                   "gpt pp-tp-manual", *GPT_SP)])
+                                                   "gpt pp-tp-manual", "gpt tp-manual vocab 9",
+                                                   *GPT_SP)])
 def test_gpt_matches_reference_and_learns(name, nproc, launched):
     record = launched(nproc, name)
     tol = TOLERANCE["fp32"]
     assert record["ok"] and record["max_abs_dloss"] <= tol["loss"], record
     assert record["max_abs_dparam"] <= tol["param"] and record["world_size"] == nproc
     losses = record["losses"]
-    assert losses[0] > 4 and losses[-1] < 0.9 * losses[0], losses   # ln 64 = 4.16, falling
+    chance = math.log(record["settings"]["vocab_size"])   # the loss of a uniform guess
+    assert 0.9 * chance < losses[0] < 1.2 * chance and losses[-1] < 0.9 * losses[0], losses
     if name.startswith(("gpt tp-native", "gpt tp-manual")) and name.endswith(" sp"):
         # Sequence parallelism: each all_reduce of a block becomes a reduce_scatter + all_gather
         # (Korthikanti et al. 2022). all_gather: forward the 2 per block and the head's input,
@@ -250,10 +256,15 @@ def test_gpt_matches_reference_and_learns(name, nproc, launched):
         # reduce_scatter [batch, seq, hidden]: together an all_reduce's bytes.
         s, blocks = Settings(**GPT_DEFAULTS), 2
         full = 4 * s.batch_size * s.seq_len * s.hidden_dim
+        # all_reduce: the embedding's; manual TP's loss (3), and the gradients of each block's
+        # 2 norms and 2 row biases and of the final norm, summed over the sequence (DTensor
+        # does that inside its ops, out of the counter's sight).
+        manual = name.startswith("gpt tp-manual")
         for total, payload in zip(record["comm_per_step"], record["comm_bytes_per_step"],
                                   strict=True):
             assert total["all_gather"] == 4 * blocks + 2, total
             assert total["reduce_scatter"] == 4 * blocks + 1, total
+            assert total["all_reduce"] == 1 + manual * (3 + 6 * blocks + 2), total
             assert payload["all_gather"] == (4 * blocks + 2) * full // nproc, payload
             assert payload["reduce_scatter"] == (4 * blocks + 1) * full, payload
     elif name.startswith(("gpt tp-native", "gpt tp-manual")):
@@ -272,3 +283,7 @@ def test_gpt_matches_reference_and_learns(name, nproc, launched):
             assert total == {"all_reduce": count}, total
             assert backward == {"all_reduce": 1 + 2 * blocks}, backward
             assert payload == {"all_reduce": size}, payload
+    if name.startswith("gpt pp-tp") and name.endswith(" sp"):
+        # Between stages each tp rank sends its 1/t of the sequence, not the whole.
+        whole = launched(nproc, name.removesuffix(" sp"))["comm_bytes_per_step"][0]["send"]
+        assert record["comm_bytes_per_step"][0]["send"] * 2 == whole, record

@@ -95,6 +95,9 @@ def test_bad_flags_fail_in_one_line_once_per_node(module, args, message):
     ("pipeline", 8, ["--schedule", "1f1b"], 8, 8), ("pipeline", 6, [], 6, 8),
     ("pipeline", 8, ["--schedule", "zero-bubble"], 16, 8),
     ("pipeline", 8, ["--microbatches", "2"], 8, 2), ("pipeline", 2, ["--batch-size", "2"], 2, 2),
+    # No count >= the ranks divides the batch: GPipe and interleaved take fewer (and warn).
+    ("pipeline", 8, ["--batch-size", "4"], 8, 4),
+    ("pipeline", 3, ["--schedule", "interleaved-1f1b"], 6, 2),
 ])
 @pytest.mark.fast
 def test_default_sizes_follow_the_process_count(module, nproc, args, layers, microbatches):
@@ -107,12 +110,12 @@ def test_default_sizes_follow_the_process_count(module, nproc, args, layers, mic
 
 
 @pytest.mark.fast
-def test_no_default_microbatches_fit_the_batch():
+def test_1f1b_refuses_a_batch_smaller_than_its_stages():
     driver = importlib.import_module("partlab.pipeline")
-    with pytest.raises(UsageError, match="needs --microbatches a multiple of 3 that divides "
-                                         "--batch-size 64, and none does: use --batch-size 96"):
-        driver.validate(parse(driver.parser(), ["--schedule", "interleaved-1f1b"]),
-                        Launch(0, 3, 0, 3))
+    with pytest.raises(UsageError, match=r"--schedule 1f1b needs at least one microbatch per "
+                                         r"stage \(8\), but --batch-size 4 has fewer samples"):
+        driver.validate(parse(driver.parser(), ["--schedule", "1f1b", "--batch-size", "4"]),
+                        Launch(0, 8, 0, 8))
 
 
 @pytest.fixture

@@ -231,7 +231,8 @@ setuptools.setup = setup
 
 def setup_py(tmp_path, cuda, archs, nvcc=None, **env):
     """setup.py's choices (no build) for a torch of CUDA `cuda` shipping `archs`, with a fake
-    toolkit whose nvcc is CUDA `nvcc` and targets compute_50..compute_90 (None: no nvcc):
+    toolkit whose nvcc is CUDA `nvcc` and targets compute_50..compute_90 (None: no toolkit;
+    "runtime only": a CUDA_HOME without bin/nvcc):
     (exit status, stdout, stderr)."""
     (tmp_path / "site").mkdir(parents=True)
     (tmp_path / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -251,6 +252,8 @@ def setup_py(tmp_path, cuda, archs, nvcc=None, **env):
                      FAKE_TORCH_CUDA=cuda, FAKE_ARCHS=archs, **env)
     if nvcc is None:
         variables["FAKE_NO_NVCC"] = "1"
+    elif nvcc == "runtime only":       # CUDA_HOME is a CUDA without its compiler
+        (home / "bin" / "nvcc").unlink()
     proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=variables,
                           capture_output=True, text=True)
     return proc.returncode, proc.stdout, "\n".join(
@@ -274,7 +277,8 @@ def test_setup_compiles_one_arch_per_gpu_family_of_the_torch_build(tmp_path, cud
 
 
 @pytest.mark.parametrize("nvcc,message", [
-    (None, "torch 2.13.0"),
+    (None, f"torch {torch.__version__} has CUDA 13.0 but no nvcc"),
+    ("runtime only", f"torch {torch.__version__} has CUDA 13.0 but no nvcc was found in "),
     ("12.6", "nvcc in "),
 ])
 def test_setup_without_a_matching_nvcc_builds_cpu_kernels_saying_why(tmp_path, nvcc, message):

@@ -23,7 +23,7 @@
 set -euo pipefail
 
 die() { echo "partlab-slurm: error: $*" >&2; exit 2; }
-PASS_THROUGH='^(SLURM_.*|SLURMD_NODENAME|MASTER_ADDR|MASTER_PORT|PARTLAB_.*|NCCL_.*|GLOO_.*|TORCH.*|PYTORCH_.*|CUDA_.*|NVIDIA_.*|UCX_.*|FI_.*|OMP_.*|MKL_.*|TMPDIR|XDG_CACHE_HOME|MPLCONFIGDIR|TRITON_CACHE_DIR|PYTHONUNBUFFERED|PYTHONFAULTHANDLER)$'
+PASS_THROUGH='^(SLURM_.*|SLURMD_NODENAME|MASTER_ADDR|MASTER_PORT|PARTLAB_.*|NCCL_.*|GLOO_.*|TORCH.*|PYTORCH_.*|CUDA_(VISIBLE_DEVICES|DEVICE_ORDER|LAUNCH_BLOCKING|MODULE_LOADING|DEVICE_MAX_CONNECTIONS|CACHE_.*)|NVIDIA_.*|UCX_.*|FI_.*|OMP_.*|MKL_.*|TMPDIR|XDG_CACHE_HOME|MPLCONFIGDIR|TRITON_CACHE_DIR|PYTHONUNBUFFERED|PYTHONFAULTHANDLER)$'
 
 check_only=0
 if [[ "${1:-}" == --check ]]; then
@@ -50,7 +50,7 @@ writable_cache() {
   for dir in "${PARTLAB_CACHE_DIR:-}" "${TMPDIR:-/tmp}/partlab-cache-$(id -u)" "$results/cache"; do
     [[ -n "$dir" ]] && mkdir -p "$dir" 2> /dev/null && [[ -w "$dir" ]] && { echo "$dir"; return; }
   done
-  die "no writable cache directory (tried PARTLAB_CACHE_DIR, \$TMPDIR, $results): set PARTLAB_CACHE_DIR"
+  die "no writable cache directory (tried PARTLAB_CACHE_DIR, \$TMPDIR, $results/cache): set PARTLAB_CACHE_DIR"
 }
 
 if [[ -n "${PARTLAB_SIF:-}" ]]; then
