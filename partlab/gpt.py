@@ -119,6 +119,22 @@ def parameter_count(settings):
     return v * h + settings.seq_len * h + settings.layers * block + 2 * h + h * v
 
 
+def attention_flops(settings):
+    """One step's FLOPs of the attention's own matmuls (q k^T and the weights times v): 2 x 2 b
+    s^2 h a block forward (causal masking computes them whole), twice that backward."""
+    b, s, h = settings.batch_size, settings.seq_len, settings.hidden_dim
+    return 3 * settings.layers * 4 * b * s * s * h
+
+
+def flops(settings):
+    """One training step's model FLOPs: every matmul's 2 x m x n x k forward, and twice that
+    backward (the input's and the weight's gradient; every input needs one here, since the
+    embeddings train): per token 24 h^2 a block and 2 h vocab for the head, plus attention."""
+    tokens, h = settings.batch_size * settings.seq_len, settings.hidden_dim
+    per_token = settings.layers * 24 * h * h + 2 * h * settings.vocab_size
+    return 3 * tokens * per_token + attention_flops(settings)
+
+
 def activation_elements(settings):
     """Elements of one step's activations in the reference, roughly: per block the residual
     stream and its norms (4x), q, k, v and attention out (4x), the MLP's 4x-wide hidden (2x, with

@@ -73,6 +73,22 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def matmul_tflops(device, dtype, repeats=5):
+    """TFLOP/s of the best of `repeats` square matmuls in the run's dtype on `device`: the peak
+    that a run's model FLOP utilisation is measured against, on this machine, in this run (on
+    CPU one process's share: its own cores, torchrun's one thread)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = math.inf
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e12
+
+
 @dataclasses.dataclass
 class Trace:
     losses: list[float]

@@ -120,7 +120,7 @@ def run_strategy(entry, nproc, flags, json_path):
 
 def table(records):
     head = ("strategy", "final loss", "max|dloss|", "max|dparam|", "step ms", "ref ms",
-            "speedup", "samples/s", "activations MiB/rank", "bubble (theory)",
+            "speedup", "samples/s", "MFU", "activations MiB/rank", "bubble (theory)",
             "comm/step (rank 0)")
     rows = [head]
     for name, r in records:
@@ -133,7 +133,7 @@ def table(records):
                      f"{r['max_abs_dparam']:.1e}", f"{r['step_time_s'] * 1e3:.2f}",
                      f"{r['reference_step_time_s'] * 1e3:.2f}",
                      f"{r['reference_step_time_s'] / r['step_time_s']:.2f}x",
-                     f"{r['samples_per_s']:,.0f}",
+                     f"{r['samples_per_s']:,.0f}", f"{r['mfu']:.1%}",
                      "/".join(f"{m:.2f}" for m in r["peak_activation_mib"]), bubble or "-",
                      comm or "none"))
     return aligned(rows)

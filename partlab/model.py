@@ -98,6 +98,18 @@ def parameter_count(settings):
     return sum(dims[i] * dims[i + 1] + dims[i + 1] for i in range(settings.layers))
 
 
+def flops_per_step(settings):
+    """One training step's model FLOPs (matmuls: 2 m n k forward, twice that backward); the MLP's
+    first layer needs no input gradient (its input is data), so it costs 4 m n k."""
+    if settings.model == "gpt":
+        return gpt.flops(settings)
+    dims = [settings.input_dim] + [settings.hidden_dim] * (settings.layers - 1) \
+        + [settings.num_classes]
+    b = settings.batch_size
+    return sum(6 * b * dims[i] * dims[i + 1] for i in range(settings.layers)) \
+        - 2 * b * dims[0] * dims[1]
+
+
 def bytes_needed(settings):
     """A lower bound on what one process holds: the full model built from the seed in fp32
     (every rank builds it before keeping its slice) and the reference's weights and gradients,

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from partlab import model as models
 from partlab import timeline as pipeline_timeline
 from partlab.config import default_lr
-from partlab.harness import peak_memory_mib, run_steps, timed_steps
+from partlab.harness import matmul_tflops, peak_memory_mib, run_steps, timed_steps
 
 # Tolerances against the reference (max abs difference after all steps).
 # fp32: sharding reorders sums (TP splits each dot product into world-size partial sums joined
@@ -62,6 +62,10 @@ class Record:
     step_time_s: float
     reference_step_time_s: float
     samples_per_s: float
+    model_flops_per_step: int      # model.flops_per_step: the maths, whatever the layout
+    tflops: float                  # model FLOPs per step / step time: all ranks together
+    matmul_peak_tflops: float      # a square matmul on rank 0's device, measured in this run
+    mfu: float                     # tflops / (world size x matmul_peak_tflops)
     peak_memory_mib: list[float]
     peak_activation_mib: list[float | None]
     comm_per_step: list[dict[str, int]]
@@ -108,6 +112,8 @@ def finish(strategy, settings, group, trace):
     if alone and group.rank != 0:
         dist.barrier()
     ref = run_steps(settings, group.device, ref_step)
+    # The peak MFU is measured against: on rank 0, alone on CPU like the reference.
+    peak = matmul_tflops(group.device, models.DTYPES[settings.dtype]) if group.rank == 0 else None
     if alone and group.rank == 0:
         dist.barrier()
     ref_params = dict(ref_model.named_parameters())
@@ -140,6 +146,9 @@ def finish(strategy, settings, group, trace):
         tolerance=tol, ok=dloss <= tol["loss"] and dparam <= tol["param"],
         step_time_s=step_s, reference_step_time_s=statistics.median(timed_steps(ref.times)),
         samples_per_s=settings.batch_size / step_s,
+        model_flops_per_step=models.flops_per_step(settings),
+        tflops=models.flops_per_step(settings) / step_s / 1e12, matmul_peak_tflops=peak,
+        mfu=models.flops_per_step(settings) / step_s / 1e12 / (group.world_size * peak),
         peak_memory_mib=[r[0] for r in per_rank], peak_activation_mib=[r[4] for r in per_rank],
         comm_per_step=[r[1] for r in per_rank], comm_in_backward=[r[2] for r in per_rank],
         comm_bytes_per_step=[r[3] for r in per_rank], settings=dataclasses.asdict(settings),
@@ -222,6 +231,10 @@ def print_summary(r):
           f"{r.max_abs_dparam:.1e} (tol {tol['param']:.0e}): {'OK' if r.ok else 'EXCEEDED'}")
     print(f"step time {r.step_time_s * 1e3:.2f} ms (reference on one device "
           f"{r.reference_step_time_s * 1e3:.2f} ms), {r.samples_per_s:,.0f} samples/s")
+    print(f"model FLOPs per step {r.model_flops_per_step / 1e9:,.3f} G: {r.tflops * 1e3:,.2f} "
+          f"GFLOP/s over {r.world_size} ranks, MFU {r.mfu:.1%} (of {r.world_size} x "
+          f"{r.matmul_peak_tflops * 1e3:,.1f} GFLOP/s, a matmul measured on rank 0's "
+          f"{r.device} in this run)")
     kind = "CUDA allocator peak" if r.device == "cuda" else "peak RSS"
     print(f"peak memory per rank ({kind}, MiB): "
           + ", ".join(f"{m:.0f}" for m in r.peak_memory_mib)

@@ -16,6 +16,7 @@ import pytest
 from launch import SMALL, torchrun
 from reference import plain_reference
 
+from partlab import model as models
 from partlab import strategies
 from partlab.config import GPT_DEFAULTS, Settings
 from partlab.report import TOLERANCE
@@ -26,9 +27,21 @@ SMALL_SETTINGS = Settings(batch_size=32, input_dim=64, hidden_dim=128, num_class
 PLAIN = {}  # layers -> losses of the plain PyTorch loop
 
 
+def assert_flops(record):
+    """The record's model FLOPs are the formula's for its settings, and its rate and MFU
+    follow from them, the step time and the matmul peak measured in the run."""
+    flops = models.flops_per_step(Settings(**record["settings"]))
+    assert record["model_flops_per_step"] == flops
+    assert record["tflops"] == pytest.approx(flops / record["step_time_s"] / 1e12)
+    assert record["matmul_peak_tflops"] > 0 and 0 < record["mfu"] < 1, record
+    assert record["mfu"] == pytest.approx(
+        record["tflops"] / (record["world_size"] * record["matmul_peak_tflops"]))
+
+
 def assert_matches_reference(record, layers=SMALL_SETTINGS.layers):
     tol = TOLERANCE["fp32"]
     assert record["ok"], record
+    assert_flops(record)
     assert record["max_abs_dparam"] <= tol["param"]
     assert len(record["losses"]) == SMALL_SETTINGS.steps
     if layers not in PLAIN:
@@ -244,6 +257,7 @@ def test_gpt_matches_reference_and_learns(name, nproc, launched):
     record = launched(nproc, name)
     tol = TOLERANCE["fp32"]
     assert record["ok"] and record["max_abs_dloss"] <= tol["loss"], record
+    assert_flops(record)
     assert record["max_abs_dparam"] <= tol["param"] and record["world_size"] == nproc
     losses = record["losses"]
     chance = math.log(record["settings"]["vocab_size"])   # the loss of a uniform guess

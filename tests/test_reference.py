@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import torch
 from reference import plain_reference
+from torch.utils.flop_counter import FlopCounterMode
 
 from partlab import gpt, harness, partition
 from partlab import model as mlp
@@ -103,3 +104,18 @@ def test_gpt_pipeline_stages_own_their_blocks_and_ends():
     assert middle.tok is None and middle.head is None and list(middle.blocks) == ["1", "2"]
     assert last.tok is None and last.head is not None and "blocks.3.attn.qkv.weight" in \
         dict(last.named_parameters())
+
+
+@pytest.mark.parametrize("settings", [SMALL, GPT_LAB, dataclasses.replace(GPT_LAB, vocab_size=65,
+                                                                           seq_len=16)])
+def test_model_flops_are_the_matmuls_torch_counts(settings):
+    # FlopCounterMode counts every matmul of a step, forward and backward. The attention's own
+    # (q k^T and the weights times v) run inside CPU's fused attention kernel, which it may not
+    # count: then the count is the formula's less exactly gpt.attention_flops.
+    model = mlp.build_model(settings, torch.device("cpu"))
+    x, y = mlp.make_batch(settings, 0, "cpu")
+    with FlopCounterMode(display=False) as counter:
+        mlp.loss_fn(model(x), y).backward()
+    attention = gpt.attention_flops(settings) if settings.model == "gpt" else 0
+    assert counter.get_total_flops() in (mlp.flops_per_step(settings),
+                                         mlp.flops_per_step(settings) - attention)
