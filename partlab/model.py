@@ -89,12 +89,17 @@ def loss_fn(logits, target):
     return F.cross_entropy(logits.float().flatten(0, -2), target.flatten())
 
 
+def mlp_dims(settings):
+    """The MLP's widths, input to output: layer i maps dims[i] features to dims[i + 1]."""
+    return [settings.input_dim] + [settings.hidden_dim] * (settings.layers - 1) \
+        + [settings.num_classes]
+
+
 def parameter_count(settings):
     """Weights and biases of the full model."""
     if settings.model == "gpt":
         return gpt.parameter_count(settings)
-    dims = [settings.input_dim] + [settings.hidden_dim] * (settings.layers - 1) \
-        + [settings.num_classes]
+    dims = mlp_dims(settings)
     return sum(dims[i] * dims[i + 1] + dims[i + 1] for i in range(settings.layers))
 
 
@@ -103,9 +108,7 @@ def flops_per_step(settings):
     first layer needs no input gradient (its input is data), so it costs 4 m n k."""
     if settings.model == "gpt":
         return gpt.flops(settings)
-    dims = [settings.input_dim] + [settings.hidden_dim] * (settings.layers - 1) \
-        + [settings.num_classes]
-    b = settings.batch_size
+    dims, b = mlp_dims(settings), settings.batch_size
     return sum(6 * b * dims[i] * dims[i + 1] for i in range(settings.layers)) \
         - 2 * b * dims[0] * dims[1]
 
@@ -115,8 +118,7 @@ def bytes_needed(settings):
     (every rank builds it before keeping its slice) and the reference's weights and gradients,
     plus one step's activations of the reference. Used to refuse a size before allocating it."""
     activations = gpt.activation_elements(settings) if settings.model == "gpt" else \
-        settings.batch_size * (settings.input_dim + settings.num_classes
-                               + settings.hidden_dim * (settings.layers - 1))
+        settings.batch_size * sum(mlp_dims(settings))
     return 4 * (3 * parameter_count(settings) + 2 * activations)
 
 
@@ -141,7 +143,11 @@ def reference_step_fn(model, settings, loss_of=loss_fn, loss_context=None):
             loss = loss_of(model(x), y)
             loss.backward()
         opt.step()
-        loss = loss.detach()
-        return loss.full_tensor() if hasattr(loss, "full_tensor") else loss   # a DTensor's
+        return whole(loss.detach())
 
     return step
+
+
+def whole(tensor):
+    """A DTensor's full value (a loss under loss_parallel is one), else the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

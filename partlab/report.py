@@ -139,6 +139,8 @@ def finish(strategy, settings, group, trace):
     dloss = max(abs(a - b) for a, b in zip(losses, ref.losses, strict=True))
     tol = TOLERANCE[settings.dtype]
     layout = strategy.layout
+    flops = models.flops_per_step(settings)
+    tflops = flops / step_s / 1e12
     record = Record(
         strategy=strategy.name, world_size=group.world_size, backend=group.backend,
         device=group.device.type, dtype=settings.dtype,
@@ -146,9 +148,8 @@ def finish(strategy, settings, group, trace):
         tolerance=tol, ok=dloss <= tol["loss"] and dparam <= tol["param"],
         step_time_s=step_s, reference_step_time_s=statistics.median(timed_steps(ref.times)),
         samples_per_s=settings.batch_size / step_s,
-        model_flops_per_step=models.flops_per_step(settings),
-        tflops=models.flops_per_step(settings) / step_s / 1e12, matmul_peak_tflops=peak,
-        mfu=models.flops_per_step(settings) / step_s / 1e12 / (group.world_size * peak),
+        model_flops_per_step=flops, tflops=tflops, matmul_peak_tflops=peak,
+        mfu=tflops / (group.world_size * peak),
         peak_memory_mib=[r[0] for r in per_rank], peak_activation_mib=[r[4] for r in per_rank],
         comm_per_step=[r[1] for r in per_rank], comm_in_backward=[r[2] for r in per_rank],
         comm_bytes_per_step=[r[3] for r in per_rank], settings=dataclasses.asdict(settings),

@@ -63,9 +63,7 @@ def build_pipeline(settings, group, rank, ranks, process_group=None, unit=1, sha
         opt.step()
         if not last:
             return None
-        losses = [loss.full_tensor() if hasattr(loss, "full_tensor") else loss  # a DTensor's
-                  for loss in losses]
-        return torch.stack(losses).mean()
+        return torch.stack([mlp.whole(loss) for loss in losses]).mean()
 
     layout = PipelineLayout(
         ranks=ranks, stage_layers=[list(stage_layers(settings.layers, s, total, unit))

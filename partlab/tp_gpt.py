@@ -56,8 +56,7 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         exp = shifted.exp()
         total = exp.sum(dim=1)
         dist.all_reduce(total, group=group)
-        mine = (target >= start) & (target < start + logits.shape[1])
-        local = torch.where(mine, target - start, 0)
+        mine, local = owned(target, start, logits.shape[1])
         # where, not a product: a rank holding only padding has -inf there, and -inf * 0 is nan
         picked = torch.where(mine, shifted.gather(1, local[:, None]).squeeze(1), 0.0)
         dist.all_reduce(picked, group=group)
@@ -73,10 +72,22 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         return grad_logits * (grad / len(local)), None, None, None, None
 
 
+def owned(ids, start, rows):
+    """(which ids fall in this rank's vocabulary rows start, ..., start + rows - 1, their row
+    there: 0 for the others, which the caller masks)."""
+    mine = (ids >= start) & (ids < start + rows)
+    return mine, torch.where(mine, ids - start, 0)
+
+
+def vocab_start(vocab_size, group):
+    """The first vocabulary row of this rank of `group`."""
+    return dist.get_rank(group) * vocab_shard(vocab_size, dist.get_world_size(group))
+
+
 def vocab_parallel_loss(vocab_size, group=None):
     """loss(logits, target) for logits split by vocabulary over `group`, as the head splits
     them."""
-    start = dist.get_rank(group) * vocab_shard(vocab_size, dist.get_world_size(group))
+    start = vocab_start(vocab_size, group)
 
     def loss(logits, target):
         return VocabParallelCrossEntropy.apply(logits.flatten(0, -2), target.flatten(), start,
@@ -98,7 +109,7 @@ class TensorParallelGPT(nn.Module):
         self.leave = ReduceScatterToSequenceParallel if sequence_parallel \
             else ReduceFromTensorParallel
         rank, ways = dist.get_rank(group), dist.get_world_size(group)
-        self.start = rank * vocab_shard(vocab_size, ways)
+        self.start = vocab_start(vocab_size, group)
         self.loss = vocab_parallel_loss(vocab_size, group)
         for name, param in self.named_parameters():
             param.data = tp_slice(name, param.data, rank, ways).clone()
@@ -118,9 +129,8 @@ class TensorParallelGPT(nn.Module):
         return tp_slice(name, full, dist.get_rank(self.group), dist.get_world_size(self.group))
 
     def embed(self, tokens):
-        rows = self.tok.weight.shape[0]
-        mine = (tokens >= self.start) & (tokens < self.start + rows)
-        x = F.embedding(torch.where(mine, tokens - self.start, 0), self.tok.weight)
+        mine, local = owned(tokens, self.start, self.tok.weight.shape[0])
+        x = F.embedding(local, self.tok.weight)
         x = ReduceFromTensorParallel.apply(x * mine[..., None], self.group)
         x = x + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
         return ScatterToSequenceParallel.apply(x, self.group) if self.sequence_parallel else x

@@ -50,10 +50,10 @@ def assert_matches_reference(record, layers=SMALL_SETTINGS.layers):
         assert abs(got - want) <= tol["loss"], f"step {step}: {got} vs plain PyTorch {want}"
 
 
-def entry_run(key, *flags):
-    """(driver module, flags) of a registry entry with the tests' small MLP."""
+def entry_run(key, *flags, sizes=SMALL):
+    """(driver module, flags) of a registry entry with the tests' small MLP (or `sizes`)."""
     entry = strategies.get(key)
-    return entry.module, [*entry.flags, *SMALL, *flags]
+    return entry.module, [*entry.flags, *sizes, *flags]
 
 
 def sized(layers):
@@ -61,16 +61,19 @@ def sized(layers):
 
 
 GPT = ["--model", "gpt", "--steps", "3"]       # the gpt's own defaults: 2 blocks, 4 heads, ...
-GPT_RUNS = {f"gpt {key}": (strategies.get(key).module, [*strategies.get(key).flags, *GPT])
+
+
+def gpt_run(key, *flags):
+    return entry_run(key, *flags, sizes=GPT)
+
+
+GPT_RUNS = {f"gpt {key}": gpt_run(key)
             for key in ("tp-native", "tp-manual", "tp-manual-unfused", "pipeline-gpipe",
                         "pipeline-1f1b", "pipeline-interleaved-1f1b", "pipeline-zero-bubble")}
 # A vocabulary that 2 ranks cannot split evenly: manual TP pads it, DTensor shards it unevenly.
-GPT_RUNS.update({f"gpt {key} vocab 65": (module, [*flags, "--vocab-size", "65"])
-                 for key, (module, flags) in
-                 (("tp-manual", GPT_RUNS["gpt tp-manual"]),
-                  ("tp-native", GPT_RUNS["gpt tp-native"]))})
-GPT_SP = {f"gpt {key} sp": (strategies.get(key).module,
-                            [*strategies.get(key).flags, *GPT, "--sequence-parallel"])
+GPT_RUNS.update({f"gpt {key} vocab 65": gpt_run(key, "--vocab-size", "65")
+                 for key in ("tp-manual", "tp-native")})
+GPT_SP = {f"gpt {key} sp": gpt_run(key, "--sequence-parallel")
           for key in ("tp-native", "tp-manual", "pp-tp-native", "pp-tp-manual")}
 
 # The runs that the session's lab (2 processes) does not cover, by world size: each world size
@@ -91,11 +94,9 @@ RUNS = {
                           ("pp-tp-manual", "gpipe"))},
         **{name: GPT_RUNS[name] for name in ("gpt tp-native", "gpt tp-manual",
                                              "gpt pipeline-1f1b")},
-        **{f"gpt {key}": (strategies.get(key).module, [*strategies.get(key).flags, *GPT])
-           for key in ("pp-tp-native", "pp-tp-manual")}, **GPT_SP,
+        **{f"gpt {key}": gpt_run(key) for key in ("pp-tp-native", "pp-tp-manual")}, **GPT_SP,
         # 9 on 4 ranks is 3 + 3 + 3 + 0: the last rank holds only padding.
-        "gpt tp-manual vocab 9": (GPT_RUNS["gpt tp-manual"][0],
-                                  [*GPT_RUNS["gpt tp-manual"][1], "--vocab-size", "9"])},
+        "gpt tp-manual vocab 9": gpt_run("tp-manual", "--vocab-size", "9")},
 }
 
 
