@@ -1,8 +1,8 @@
 """`partlab bench <sweep>`: run the drivers over a range of sizes; write DIR/<sweep>.json (every
 run's record, its command and the provenance) and DIR/<sweep>.png, and print a table.
 
-  step    step time and throughput vs hidden width: the reference, native TP, manual TP
-          (fused and unfused)
+  step    step time, throughput and model FLOP/s vs hidden width: the reference, native TP,
+          manual TP (fused and unfused); activations per rank (gpt: next to the analytic count)
   bubble  the bubble measured from each pipeline schedule's timeline vs microbatches, next to
           the theory (p-1)/(v*m+p-1); Gantt charts of the largest m
   comm    communication per step as the drivers count it vs the analytic count and bytes
@@ -11,12 +11,15 @@ run's record, its command and the provenance) and DIR/<sweep>.png, and print a t
           strategy (partlab/bench_overhead.py)
   all     the five above
 
+--model gpt runs every sweep on the transformer (partlab/gpt.py) at its own sizes, the
+tensor-parallel runs with and without --sequence-parallel.
+
 Every point is one driver run launched exactly as a user would (torchrun ... --json ... --check,
 via partlab.lab.run_strategy), so each number can be reproduced from the command stored with it.
 A failed run is reported with its `partlab:` lines and makes the exit status 1; the sweep goes on.
 `partlab bench op` (partlab/bench_op.py) is the fused op's micro-benchmark. (This file is longer
-than partlab's usual 300 lines: five sweeps, each next to the analytic model it checks; the
-plots live in partlab/plots.py.)
+than partlab's usual 300 lines: five sweeps and their sizes for two models; the analytic
+model they check lives in partlab/theory.py, the plots in partlab/plots.py.)
 """
 import argparse
 import dataclasses
@@ -29,9 +32,8 @@ import tempfile
 
 from partlab import lab, plots, strategies
 from partlab.config import UsageError
-from partlab.model import DTYPES
-from partlab.partition import stage_ids, stage_layers
 from partlab.report import write_json
+from partlab.theory import pipeline_comm, ring_wire_bytes, tp_comm
 
 # Sizes per sweep. Defaults take 4-10 s per run on 2 CPU cores; on GPUs pass bigger ones
 # (--hidden-dims 16384 --batch-size 1024). A sweep that needs one width uses the largest of
@@ -54,13 +56,40 @@ SIZES = {
     "overhead": {"hidden_dims": [2048], "microbatches": [4], "batch_size": 64,
                  "input_dim": 1024, "layers": 4, "steps": 10, "nproc": [2]},
 }
-QUICK = {"hidden_dims": [64], "batch_size": 32, "input_dim": 64, "steps": 3, "nproc": [2]}
+# --model gpt: its own defaults (--heads 4, --vocab-size 64), the sequence in place of the input.
+# Blocks of width 64-512 take 5-15 s a run on 2 CPU cores.
+GPT_SIZES = {
+    "step": {"hidden_dims": [64, 128, 256, 512], "batch_size": 16, "seq_len": 64, "layers": 2,
+             "steps": 10, "nproc": [2]},
+    "bubble": {"microbatches": [1, 2, 4, 8], "hidden_dims": [256], "batch_size": 16,
+               "seq_len": 64, "layers": None, "steps": 5, "nproc": [2]},
+    "comm": {"hidden_dims": [64, 256], "microbatches": [4], "batch_size": 16, "seq_len": 32,
+             "layers": 4, "steps": 3, "nproc": [2, 4]},
+    "memory": {"microbatches": [2, 4, 8, 16], "hidden_dims": [256], "batch_size": 16,
+               "seq_len": 64, "layers": None, "steps": 3, "nproc": [2]},
+    "overhead": {"hidden_dims": [256], "microbatches": [4], "batch_size": 16, "seq_len": 64,
+                 "layers": 4, "steps": 10, "nproc": [2]},
+}
+QUICK = {"mlp": {"hidden_dims": [64], "batch_size": 32, "input_dim": 64, "steps": 3,
+                 "nproc": [2]},
+         "gpt": {"hidden_dims": [32], "batch_size": 8, "seq_len": 16, "steps": 3, "nproc": [2]}}
 QUICK_SWEEP = {"bubble": {"microbatches": [4]}, "memory": {"microbatches": [4]},
                "overhead": {"layers": 4}, "step": {"layers": 4}}  # step's TP runs = comm's
 # The runs this process has made, by command: (the command as run, its record).
 DONE = {}
 NUM_CLASSES = 10
 TP = strategies.of_kind("tp")
+
+
+def with_sequence_parallel(entry):
+    return dataclasses.replace(entry, key=entry.key + "-sp",
+                               flags=(*entry.flags, "--sequence-parallel"),
+                               label=entry.label + " + SP")
+
+
+def tensor_parallel(model):
+    """The tensor-parallel entries a sweep runs: the gpt's with and without SP."""
+    return TP + [with_sequence_parallel(e) for e in TP] if model == "gpt" else TP
 PIPELINES = strategies.of_kind("pipeline")
 
 
@@ -76,8 +105,10 @@ def ints(text):
 
 
 def make_parser(sweep):
-    defaults = "".join(f"\n  {name}: " + ", ".join(f"{k} {v}" for k, v in sizes.items())
-                       for name, sizes in SIZES.items() if sweep in (name, "all"))
+    defaults = "".join(f"\n  {name}{' --model gpt' * (table is GPT_SIZES)}: "
+                       + ", ".join(f"{k} {v}" for k, v in sizes.items())
+                       for table in (SIZES, GPT_SIZES) for name, sizes in table.items()
+                       if sweep in (name, "all"))
     p = argparse.ArgumentParser(prog=f"partlab bench {sweep}", description=__doc__,
                                 epilog="default sizes (--quick: tiny ones):" + defaults,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,11 +118,15 @@ def make_parser(sweep):
                    help="tiny sizes: a smoke test for CI, not a measurement")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="passed to every driver")
+    p.add_argument("--model", choices=("mlp", "gpt"), default="mlp",
+                   help="the model every run trains (gpt: the tensor-parallel runs also with "
+                        "--sequence-parallel)")
     p.add_argument("--hidden-dims", type=ints, metavar="N,...", help="model widths")
     p.add_argument("--microbatches", type=ints, metavar="M,...", help="pipeline microbatches")
     p.add_argument("--nproc", type=ints, metavar="P,...", help="processes per run")
-    for flag in ("batch-size", "input-dim", "layers", "steps"):
-        p.add_argument(f"--{flag}", type=int, help="overrides the sweep's default")
+    for flag in ("batch-size", "input-dim", "seq-len", "layers", "steps"):
+        p.add_argument(f"--{flag}", type=int, help="overrides the sweep's default"
+                       + {"input-dim": " (MLP)", "seq-len": " (gpt)"}.get(flag, ""))
     return p
 
 
@@ -106,6 +141,10 @@ def list_sweeps():
 def main(sweep, argv):
     """Run one sweep (or all); exit status 1 when any run failed."""
     args = make_parser(sweep).parse_args(argv)
+    other = {"mlp": ("seq_len", "--seq-len"), "gpt": ("input_dim", "--input-dim")}[args.model]
+    if getattr(args, other[0]) is not None:
+        raise UsageError(f"{other[1]} is the {'gpt' if args.model == 'mlp' else 'MLP'}'s size; "
+                         f"with --model {args.model} leave it out")
     if not importlib.util.find_spec("matplotlib"):
         raise UsageError("partlab bench draws its plots with matplotlib, which is not "
                          "installed: pip install matplotlib")
@@ -114,9 +153,10 @@ def main(sweep, argv):
     for i, name in enumerate(names, 1):
         if len(names) > 1:
             print(f"partlab bench all: sweep {i}/{len(names)}", flush=True)
-        quick = {**QUICK, **QUICK_SWEEP.get(name, {})} if args.quick else {}
-        sizes = {**SIZES[name], **quick,
-                 **{k: v for k, v in vars(args).items() if k in SIZES[name] and v is not None}}
+        defaults = (GPT_SIZES if args.model == "gpt" else SIZES)[name]
+        quick = {**QUICK[args.model], **QUICK_SWEEP.get(name, {})} if args.quick else {}
+        sizes = {**defaults, **quick,
+                 **{k: v for k, v in vars(args).items() if k in defaults and v is not None}}
         status |= SWEEPS[name](Sweep(name, args, sizes))
     return status
 
@@ -126,6 +166,7 @@ class Sweep:
 
     def __init__(self, name, args, sizes):
         self.name, self.out, self.device, self.sizes = name, args.out, args.device, sizes
+        self.model = args.model
         self.nproc, self.runs_on = lab.choose_processes(max(sizes["nproc"]), args.device)
         self.points, self.commands, self.failed = [], [], []
         print(f"partlab bench {name}: " + ", ".join(f"{k} {v}" for k, v in sizes.items())
@@ -133,8 +174,9 @@ class Sweep:
 
     def flags(self, hidden, *extra, layers=None):
         s = self.sizes
-        return [str(f) for f in ("--batch-size", s["batch_size"], "--input-dim", s["input_dim"],
-                                 "--hidden-dim", hidden, "--num-classes", NUM_CLASSES,
+        model = ("--model", "gpt", "--seq-len", s["seq_len"]) if self.model == "gpt" else \
+            ("--input-dim", s["input_dim"], "--num-classes", NUM_CLASSES)
+        return [str(f) for f in ("--batch-size", s["batch_size"], *model, "--hidden-dim", hidden,
                                  "--layers", layers or s["layers"], "--steps", s["steps"],
                                  "--device", self.device, *extra)]
 
@@ -187,8 +229,9 @@ class Sweep:
     def caption(self):
         s = self.sizes
         layers = s["layers"] or "2/rank"
-        return (f"batch {s['batch_size']}, input {s['input_dim']}, {layers} layers, "
-                f"{s['steps']} steps; {self.runs_on}")
+        model = f"gpt, sequence {s['seq_len']}, {layers} blocks" if self.model == "gpt" else \
+            f"input {s['input_dim']}, {layers} layers"
+        return f"batch {s['batch_size']}, {model}, {s['steps']} steps; {self.runs_on}"
 
 
 def cell(value, fmt):
@@ -199,15 +242,18 @@ def cell(value, fmt):
 
 
 def step(sweep):
-    """Step time and samples/s vs hidden width. The reference is the single-process step each
-    driver times on rank 0 alone; per width it is the median over that width's runs."""
+    """Step time, samples/s and model TFLOP/s vs hidden width, with each rank's activations
+    measured and (gpt) analytic. The reference is the single-process step each driver times on
+    rank 0 alone; per width it is the median over that width's runs."""
     s = sweep.sizes
-    ms = {}
-    for hidden, nproc, entry in itertools.product(s["hidden_dims"], s["nproc"], TP):
+    ms, records = {}, {}
+    for hidden, nproc, entry in itertools.product(s["hidden_dims"], s["nproc"],
+                                                  tensor_parallel(sweep.model)):
         name = entry.label
         record = sweep.run(entry, nproc, sweep.flags(hidden), strategy=name, hidden_dim=hidden)
         if record:
             ms[name, nproc, hidden] = record["step_time_s"] * 1e3
+            records[name, nproc, hidden] = record
             ms.setdefault(("reference", 1, hidden), []).append(
                 record["reference_step_time_s"] * 1e3)
     for key in [k for k in ms if k[0] == "reference"]:
@@ -215,16 +261,25 @@ def step(sweep):
     rows = []
     for name, nproc, hidden in sorted(ms, key=lambda k: (k[2], k[0] != "reference")):
         t, native = ms[name, nproc, hidden], ms.get(("native TP", nproc, hidden))
+        record = records.get((name, nproc, hidden), {})
         rows.append({"strategy": name, "nproc": nproc, "hidden_dim": hidden, "step_ms": t,
                      "samples_per_s": s["batch_size"] / t * 1e3,
                      "speedup_vs_reference": ms["reference", 1, hidden] / t,
                      "fused_over_native": t / native if name == "manual TP fused" and native
-                     else None})
+                     else None,
+                     "gflops": record["tflops"] * 1e3 if record else None,
+                     "mfu": record.get("mfu"),
+                     "activation_mib": record.get("peak_activation_mib"),
+                     "analytic_activation_mib": record.get("analytic_activation_mib")
+                     if sweep.model == "gpt" else None})
     return sweep.write(rows, [
         ("strategy", "strategy", "{}"), ("ranks", "nproc", "{}"), ("hidden", "hidden_dim", "{}"),
         ("step ms", "step_ms", "{:.2f}"), ("samples/s", "samples_per_s", "{:,.0f}"),
         ("speedup vs reference", "speedup_vs_reference", "{:.2f}x"),
-        ("fused/native step", "fused_over_native", "{:.2f}")])
+        ("fused/native step", "fused_over_native", "{:.2f}"),
+        ("GFLOP/s", "gflops", "{:,.1f}"), ("MFU", "mfu", "{:.1%}"),
+        ("activations MiB/rank", "activation_mib", "{:.2f}"),
+        ("analytic", "analytic_activation_mib", "{:.2f}")])
 
 
 def run_pipeline(sweep, p, entry, m, *extra):
@@ -266,73 +321,29 @@ def bubble(sweep):
         timelines=timelines)
 
 
-def widths(s):
-    """Each layer boundary's width: input, hidden..., classes (s: a record's settings)."""
-    return [s["input_dim"]] + [s["hidden_dim"]] * (s["layers"] - 1) + [s["num_classes"]]
-
-
-def dtype_bytes(s):
-    return DTYPES[s["dtype"]].itemsize
-
-
-def tp_comm(s):
-    """Communication per step of one rank of a tensor-parallel MLP (native or manual TP), as
-    {op: {"count", "bytes"}}; bytes are the payload the rank hands to the op.
-
-    With L layers there are L/2 column/row pairs. Forward: one all_reduce per pair of the row
-    layer's output, B x out. Backward: one per pair but the first (the model's input needs no
-    gradient) of the column layer's input gradient, B x in. Every rank reduces the whole tensor,
-    so the payload does not depend on the number of ranks; what travels does (ring_wire_bytes).
-    """
-    dims, pairs = widths(s), range(0, s["layers"], 2)
-    elements = ([s["batch_size"] * dims[i + 2] for i in pairs]
-                + [s["batch_size"] * dims[i] for i in pairs if i > 0])
-    return {"all_reduce": {"count": len(elements), "bytes": sum(elements) * dtype_bytes(s)}}
-
-
-def ring_wire_bytes(payload, ranks):
-    """What one rank sends in a ring all_reduce of `payload` bytes: a reduce-scatter and an
-    all-gather, each t-1 messages of payload/t, so 2(t-1)/t x payload."""
-    return 2 * (ranks - 1) / ranks * payload
-
-
-def pipeline_comm(s, rank, ranks):
-    """Communication per step of pipeline rank `rank` of `ranks`, as {op: {"count", "bytes"}}.
-
-    Each microbatch crosses each stage boundary once forward (its activation) and once backward
-    (that activation's gradient): (B/m) x width(boundary) elements each way. So for each stage
-    the rank holds, it sends m messages to each neighbour stage and receives m from each.
-    """
-    m, v, dims = s["microbatches"], s["virtual_stages"] or 1, widths(s)
-    total = ranks * v
-    elements = [s["batch_size"] // m * dims[stage_layers(s["layers"], max(a, b), total)[0]]
-                for a in stage_ids(rank, ranks, v) for b in (a - 1, a + 1) if 0 <= b < total]
-    one_way = {"count": m * len(elements), "bytes": m * sum(elements) * dtype_bytes(s)}
-    return {"send": one_way, "recv": dict(one_way)}
-
-
 def comm(sweep):
     """Measured communication per step per rank vs tp_comm / pipeline_comm: payloads must agree
     exactly (a mismatch is a driver doing more or less than the design says)."""
     s = sweep.sizes
-    chosen = [strategies.get(k) for k in ("tp-native", "tp-manual", "pipeline-gpipe")]
+    chosen = [e for e in tensor_parallel(sweep.model) if "--no-fused" not in e.flags] \
+        + [strategies.get("pipeline-gpipe")]
     rows = []
     for p, hidden, entry in itertools.product(s["nproc"], s["hidden_dims"], chosen):
         name, pipelined = entry.label, entry.kind == "pipeline"
         extra = ["--microbatches", max(s["microbatches"])] if pipelined else []
         record = sweep.run(entry, p, sweep.flags(hidden, *extra), strategy=name,
                            hidden_dim=hidden)
+        impl = "native" if entry.module.endswith("native") else "manual"
         for rank in range(p) if record else ():
             expected = pipeline_comm(record["settings"], rank, p) if pipelined \
-                else tp_comm(record["settings"])
+                else tp_comm(record["settings"], p, impl)
             for op, want in sorted(expected.items()):
                 got = record["comm_bytes_per_step"][rank].get(op, 0)
                 rows.append({"strategy": name, "nproc": p, "hidden_dim": hidden, "rank": rank,
                              "op": op, "count": record["comm_per_step"][rank].get(op, 0),
                              "count_analytic": want["count"], "bytes": got,
                              "bytes_analytic": want["bytes"], "ratio": got / want["bytes"],
-                             "wire_bytes": ring_wire_bytes(want["bytes"], p)
-                             if op == "all_reduce" else want["bytes"] if op == "send" else None})
+                             "wire_bytes": ring_wire_bytes(op, want["bytes"], p)})
     merged = {}  # ranks with the same numbers share a row
     for r in rows:
         same = tuple(v for k, v in r.items() if k != "rank")

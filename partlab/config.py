@@ -33,7 +33,7 @@ class Settings:
     seq_len: int = 32
     vocab_size: int = 64
     sequence_parallel: bool = False     # tensor-parallel drivers only
-    lr: float = 0.03
+    lr: float = 0.002
     seed: int = 0
     dtype: str = "fp32"
     device: str = "auto"

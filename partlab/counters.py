@@ -38,6 +38,9 @@ class CommCounter(TorchDispatchMode):
     and the bytes this rank hands to each (the payload, before any algorithm splits it).
 
     Ops issued while the autograd engine runs a backward node are also counted as backward.
+    An op on DTensors is handed back to DTensor (NotImplemented), so the collectives its own op
+    handlers issue on the local shards (loss_parallel's, a sharded norm's gradient sum) are seen
+    here too, as torch's CommDebugMode sees them.
     """
 
     def __init__(self):
@@ -47,6 +50,9 @@ class CommCounter(TorchDispatchMode):
         self.bytes = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        dtensor = sys.modules.get("torch.distributed.tensor")
+        if dtensor and any(issubclass(t, dtensor.DTensor) for t in types):
+            return NotImplemented
         name = COMM_OPS.get(func._opname) if func.namespace in (
             "c10d", "_c10d_functional", "c10d_functional") else None
         if name:

@@ -44,6 +44,7 @@ class Strategy:
     loss_rank: int = 0
     timeline: Timeline | None = None
     layout: PipelineLayout | None = None
+    activation_bytes: int | None = None   # the analytic count of the activations this rank saves
 
 
 class Driver(Protocol):

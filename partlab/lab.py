@@ -120,7 +120,7 @@ def run_strategy(entry, nproc, flags, json_path):
 
 def table(records):
     head = ("strategy", "final loss", "max|dloss|", "max|dparam|", "step ms", "ref ms",
-            "speedup", "samples/s", "MFU", "activations MiB/rank", "bubble (theory)",
+            "speedup", "samples/s", "MFU", "activations MiB/rank (analytic)", "bubble (theory)",
             "comm/step (rank 0)")
     rows = [head]
     for name, r in records:
@@ -134,9 +134,17 @@ def table(records):
                      f"{r['reference_step_time_s'] * 1e3:.2f}",
                      f"{r['reference_step_time_s'] / r['step_time_s']:.2f}x",
                      f"{r['samples_per_s']:,.0f}", f"{r['mfu']:.1%}",
-                     "/".join(f"{m:.2f}" for m in r["peak_activation_mib"]), bubble or "-",
-                     comm or "none"))
+                     activations(r), bubble or "-", comm or "none"))
     return aligned(rows)
+
+
+def activations(record):
+    """Each rank's measured activations, then the analytic count where the model has one (once
+    when every rank's is the same)."""
+    measured = "/".join(f"{m:.2f}" for m in record["peak_activation_mib"])
+    analytic = list(dict.fromkeys(f"{m:.2f}" for m in record.get("analytic_activation_mib") or []
+                                  if m is not None))
+    return f"{measured} ({'/'.join(analytic)})" if analytic else measured
 
 
 def aligned(rows):

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from partlab import model as models
+from partlab import nvidia
 from partlab import timeline as pipeline_timeline
 from partlab.config import default_lr
 from partlab.harness import matmul_tflops, peak_memory_mib, run_steps, timed_steps
@@ -65,9 +66,11 @@ class Record:
     model_flops_per_step: int      # model.flops_per_step: the maths, whatever the layout
     tflops: float                  # model FLOPs per step / step time: all ranks together
     matmul_peak_tflops: float      # a square matmul on rank 0's device, measured in this run
-    mfu: float                     # tflops / (world size x matmul_peak_tflops)
+    datasheet_peak_tflops: float | None   # the GPU's datasheet peak in the run's dtype, if known
+    mfu: float                     # tflops / (world size x the datasheet peak, else the matmul's)
     peak_memory_mib: list[float]
     peak_activation_mib: list[float | None]
+    analytic_activation_mib: list[float | None]   # the model's count for the rank, when known
     comm_per_step: list[dict[str, int]]
     comm_in_backward: list[dict[str, int]]
     comm_bytes_per_step: list[dict[str, int]]
@@ -112,8 +115,11 @@ def finish(strategy, settings, group, trace):
     if alone and group.rank != 0:
         dist.barrier()
     ref = run_steps(settings, group.device, ref_step)
-    # The peak MFU is measured against: on rank 0, alone on CPU like the reference.
+    # A peak measured on rank 0, alone on CPU like the reference: what MFU is against where
+    # the device has no datasheet figure (a CPU, an unlisted GPU).
     peak = matmul_tflops(group.device, models.DTYPES[settings.dtype]) if group.rank == 0 else None
+    datasheet = nvidia.datasheet_tflops(torch.cuda.get_device_name(group.device), settings.dtype) \
+        if group.device.type == "cuda" else None
     if alone and group.rank == 0:
         dist.barrier()
     ref_params = dict(ref_model.named_parameters())
@@ -128,9 +134,11 @@ def finish(strategy, settings, group, trace):
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     per_rank = [None] * group.world_size
     activation_mib = trace.activations.peak / 2**20 if trace.activations else None
+    analytic_mib = strategy.activation_bytes / 2**20 if strategy.activation_bytes else None
     events = strategy.timeline.events if strategy.timeline else []
     dist.all_gather_object(per_rank, (peak_mib, dict(trace.comm.total), dict(trace.comm.backward),
-                                      dict(trace.comm.bytes), activation_mib, events))
+                                      dict(trace.comm.bytes), activation_mib, events,
+                                      analytic_mib))
     if group.rank != 0:
         return 0
 
@@ -149,8 +157,9 @@ def finish(strategy, settings, group, trace):
         step_time_s=step_s, reference_step_time_s=statistics.median(timed_steps(ref.times)),
         samples_per_s=settings.batch_size / step_s,
         model_flops_per_step=flops, tflops=tflops, matmul_peak_tflops=peak,
-        mfu=tflops / (group.world_size * peak),
+        datasheet_peak_tflops=datasheet, mfu=tflops / (group.world_size * (datasheet or peak)),
         peak_memory_mib=[r[0] for r in per_rank], peak_activation_mib=[r[4] for r in per_rank],
+        analytic_activation_mib=[r[6] for r in per_rank],
         comm_per_step=[r[1] for r in per_rank], comm_in_backward=[r[2] for r in per_rank],
         comm_bytes_per_step=[r[3] for r in per_rank], settings=dataclasses.asdict(settings),
         pipeline_ranks=layout.ranks if layout else None,
@@ -232,15 +241,19 @@ def print_summary(r):
           f"{r.max_abs_dparam:.1e} (tol {tol['param']:.0e}): {'OK' if r.ok else 'EXCEEDED'}")
     print(f"step time {r.step_time_s * 1e3:.2f} ms (reference on one device "
           f"{r.reference_step_time_s * 1e3:.2f} ms), {r.samples_per_s:,.0f} samples/s")
+    measured = f"a matmul measured on rank 0's {r.device} in this run"
+    peak = f"{r.datasheet_peak_tflops * 1e3:,.0f} GFLOP/s, the datasheet's {r.dtype} peak; " \
+        f"{measured}: {r.matmul_peak_tflops * 1e3:,.0f}" if r.datasheet_peak_tflops else \
+        f"{r.matmul_peak_tflops * 1e3:,.1f} GFLOP/s, {measured}"
     print(f"model FLOPs per step {r.model_flops_per_step / 1e9:,.3f} G: {r.tflops * 1e3:,.2f} "
-          f"GFLOP/s over {r.world_size} ranks, MFU {r.mfu:.1%} (of {r.world_size} x "
-          f"{r.matmul_peak_tflops * 1e3:,.1f} GFLOP/s, a matmul measured on rank 0's "
-          f"{r.device} in this run)")
+          f"GFLOP/s over {r.world_size} ranks, MFU {r.mfu:.1%} (of {r.world_size} x {peak})")
     kind = "CUDA allocator peak" if r.device == "cuda" else "peak RSS"
     print(f"peak memory per rank ({kind}, MiB): "
           + ", ".join(f"{m:.0f}" for m in r.peak_memory_mib)
           + "; activations saved for backward (MiB): "
-          + ", ".join(f"{m:.2f}" for m in r.peak_activation_mib))
+          + ", ".join(f"{m:.2f}" for m in r.peak_activation_mib)
+          + (" (analytic " + ", ".join(f"{m:.2f}" for m in r.analytic_activation_mib) + ")"
+             if r.analytic_activation_mib[0] is not None else ""))
     for rank, (total, bwd, size) in enumerate(zip(r.comm_per_step, r.comm_in_backward,
                                                   r.comm_bytes_per_step, strict=True)):
         print(f"communication per step, rank {rank}: {comm_summary(total, bwd, size)}")

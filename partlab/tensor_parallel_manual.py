@@ -52,7 +52,9 @@ def build(settings, group):
         model = ColumnRowParallelMLP(full, fused=settings.fused)
         step = models.reference_step_fn(model, settings)
     name = "tensor_parallel_manual" + ("" if settings.fused else " (unfused)")
-    return Strategy(name, step, dict(model.named_parameters()), model.reference_slice)
+    params = dict(model.named_parameters())
+    return Strategy(name, step, params, model.reference_slice,
+                    activation_bytes=models.activation_bytes(settings, group.world_size, params))
 
 
 def parser():

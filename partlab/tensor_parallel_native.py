@@ -38,8 +38,9 @@ def build(settings, group):
     model = parallelize_module(model, mesh, dtensor_plan(model, settings.sequence_parallel))
     step = models.reference_step_fn(
         model, settings, loss_context=loss_parallel if settings.model == "gpt" else None)
-    return Strategy("tensor_parallel_native", step,
-                    *dtensor_shards(dict(model.named_parameters()), mesh))
+    params, reference_slice = dtensor_shards(dict(model.named_parameters()), mesh)
+    return Strategy("tensor_parallel_native", step, params, reference_slice,
+                    activation_bytes=models.activation_bytes(settings, group.world_size, params))
 
 
 def parser():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from launch import run
 
-from partlab import bench, cli
+from partlab import bench, cli, theory
 from partlab.config import Settings
 
 PARTLAB = [sys.executable, "-m", "partlab"]
@@ -22,18 +22,41 @@ def settings(**kw):
 def test_tp_comm_by_hand():
     # 2 layers (the handout's MLP): one forward all_reduce of the logits, 64 x 10 fp32; the
     # first pair's backward needs none (the input needs no gradient).
-    assert bench.tp_comm(settings(layers=2)) == {"all_reduce": {"count": 1, "bytes": 64 * 10 * 4}}
+    assert theory.tp_comm(settings(layers=2), 2) == {
+        "all_reduce": {"count": 1, "bytes": 64 * 10 * 4}}
     # 4 layers, batch 32, 64-128-10: forward 32x128 (pair 1's row layer) + 32x10 (pair 2's);
     # backward 32x128 (pair 2's column input): 8512 elements.
     s = settings(batch_size=32, input_dim=64, hidden_dim=128, layers=4)
-    assert bench.tp_comm(s) == {"all_reduce": {"count": 3, "bytes": 34048}}
-    assert bench.tp_comm({**s, "dtype": "bf16"})["all_reduce"]["bytes"] == 17024
+    assert theory.tp_comm(s, 2) == {"all_reduce": {"count": 3, "bytes": 34048}}
+    assert theory.tp_comm({**s, "dtype": "bf16"}, 2)["all_reduce"]["bytes"] == 17024
+
+
+def test_gpt_tp_comm_by_hand():
+    # The gpt's defaults: 2 blocks, 16 x 32 = 512 tokens of width 64, fp32. A [tokens, hidden]
+    # tensor is 131,072 bytes; the loss reduces 3 numbers a token (6,144 bytes).
+    s = settings(model="gpt", batch_size=16, hidden_dim=64, layers=2)
+    # The embedding, 4 a block, the head's input gradient: 10 [tokens, hidden]; the loss's 3.
+    assert theory.tp_comm(s, 2) == {"all_reduce": {"count": 13, "bytes": 10 * 131072 + 6144}}
+    sp = {**s, "sequence_parallel": True}
+    native, manual = theory.tp_comm(sp, 2, "native"), theory.tp_comm(sp, 2, "manual")
+    # 10 all_gathers of half the tokens, 9 reduce_scatters of all of them, on either.
+    assert native["all_gather"] == manual["all_gather"] == {"count": 10, "bytes": 10 * 65536}
+    assert native["reduce_scatter"] == {"count": 9, "bytes": 9 * 131072}
+    # all_reduce: the embedding's, the loss's 3, the 10 norm vectors (64 floats, 256 bytes);
+    # manual TP also the 4 row biases.
+    assert native["all_reduce"] == {"count": 14, "bytes": 131072 + 6144 + 10 * 256}
+    assert manual["all_reduce"] == {"count": 18, "bytes": 131072 + 6144 + 14 * 256}
 
 
 def test_ring_wire_bytes_by_hand():
-    assert bench.ring_wire_bytes(1000, 1) == 0
-    assert bench.ring_wire_bytes(1000, 2) == 1000
-    assert bench.ring_wire_bytes(1000, 4) == 1500
+    assert theory.ring_wire_bytes("all_reduce", 1000, 1) is None      # one rank sends nothing
+    assert theory.ring_wire_bytes("all_reduce", 1000, 2) == 1000
+    assert theory.ring_wire_bytes("all_reduce", 1000, 4) == 1500
+    # Sequence parallelism's pair puts an all_reduce's bytes on the wire: a reduce_scatter of
+    # the whole tensor and an all_gather of its quarter.
+    assert theory.ring_wire_bytes("reduce_scatter", 1000, 4) \
+        + theory.ring_wire_bytes("all_gather", 250, 4) == 1500
+    assert theory.ring_wire_bytes("send", 1000, 4) == 1000
 
 
 def test_pipeline_comm_by_hand():
@@ -41,15 +64,15 @@ def test_pipeline_comm_by_hand():
     msg = 32 // 4 * 128 * 4                      # one microbatch's activation: 4096 bytes
     # 2 ranks, one stage each: each has one neighbour, so 4 messages each way.
     for rank in (0, 1):
-        assert bench.pipeline_comm(s, rank, 2) == {"send": {"count": 4, "bytes": 4 * msg},
+        assert theory.pipeline_comm(s, rank, 2) == {"send": {"count": 4, "bytes": 4 * msg},
                                                    "recv": {"count": 4, "bytes": 4 * msg}}
     # 4 ranks: the middle ones talk to two neighbours.
-    assert [bench.pipeline_comm(s, r, 4)["send"]["count"] for r in range(4)] == [4, 8, 8, 4]
+    assert [theory.pipeline_comm(s, r, 4)["send"]["count"] for r in range(4)] == [4, 8, 8, 4]
     # Interleaved, 2 virtual stages: rank 0 holds stages 0 and 2 (neighbours 1; 1 and 3),
     # rank 1 holds 1 and 3 (neighbours 0 and 2; 2): 3 neighbours, 12 messages each way.
     s = {**s, "schedule": "interleaved-1f1b", "virtual_stages": 2}
     for rank in (0, 1):
-        assert bench.pipeline_comm(s, rank, 2)["recv"] == {"count": 12, "bytes": 12 * msg}
+        assert theory.pipeline_comm(s, rank, 2)["recv"] == {"count": 12, "bytes": 12 * msg}
 
 
 def test_missing_matplotlib_is_one_line(monkeypatch, capsys, tmp_path):
@@ -96,6 +119,28 @@ def test_comm_measured_equals_analytic(quick):
     for r in rows:
         assert (r["count"], r["bytes"]) == (r["count_analytic"], r["bytes_analytic"]), r
         assert r["ratio"] == 1.0 and r["count"] > 0, r
+
+
+def test_gpt_comm_measured_equals_analytic(tmp_path):
+    # The transformer's every collective, sequence parallelism's included, as partlab/theory.py
+    # counts them: native TP's loss_parallel and norm-gradient reductions run inside DTensor's
+    # own op handlers and optimizer step, and the counter must see them too.
+    proc, _ = run([*PARTLAB, "bench", "comm", "--model", "gpt", "--quick", "--out",
+                   str(tmp_path)], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    rows = json.loads((tmp_path / "comm.json").read_text())["results"]
+    assert {r["strategy"] for r in rows} == {"native TP", "manual TP fused", "native TP + SP",
+                                             "manual TP fused + SP", "pipeline gpipe"}
+    assert {r["op"] for r in rows if r["strategy"].endswith("+ SP")} == {
+        "all_gather", "reduce_scatter", "all_reduce"}
+    for r in rows:
+        assert (r["count"], r["bytes"]) == (r["count_analytic"], r["bytes_analytic"]), r
+
+
+def test_the_other_models_size_is_refused(capsys):
+    assert cli.main(["bench", "comm", "--model", "gpt", "--input-dim", "64"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "partlab: error: --input-dim is the MLP's size; with --model gpt leave it out")
 
 
 def test_bubble_theory_is_the_formula(quick):

@@ -236,4 +236,4 @@ def test_an_output_that_cannot_be_written_stops_the_run_before_training(flag, pa
 def test_a_diverged_run_is_named_as_divergence_not_a_parallelism_bug(in_process):
     status, out = in_process("partlab.tensor_parallel_manual", *SMALL, "--lr", "1e6", "--check")
     assert_one_error_line(out, "the run diverged (the reference's own loss")
-    assert status == 1 and "lower --lr (now 1e+06; default 0.03)" in out
+    assert status == 1 and "lower --lr (now 1e+06; default 0.002)" in out

@@ -288,3 +288,17 @@ def test_setup_without_a_matching_nvcc_builds_cpu_kernels_saying_why(tmp_path, n
     assert "building partlab._C with CPU kernels only" in err and "CUDA 13.x toolkit" in err
     status, out, err = setup_py(tmp_path / "x", "13.0", CU130, nvcc, PARTLAB_BUILD="cuda")
     assert status == 1 and err.startswith("partlab: error: "), err   # asked for CUDA: an error
+
+
+@pytest.mark.parametrize("name,fp32,bf16", [
+    ("NVIDIA H100 80GB HBM3", 67, 989),      # SXM
+    ("NVIDIA H100 PCIe", 51, 756),           # not the SXM figure its name contains
+    ("NVIDIA H200", 67, 989),
+    ("NVIDIA A100-SXM4-80GB", 19.5, 312),
+    ("Tesla V100-SXM2-32GB", 15.7, None),    # no bf16
+    ("NVIDIA L40S", 91.6, 362),
+    ("NVIDIA GeForce RTX 4090", None, None), # not listed: MFU is against the measured matmul
+])
+def test_datasheet_peaks_by_device_name(name, fp32, bf16):
+    assert (nvidia.datasheet_tflops(name, "fp32"), nvidia.datasheet_tflops(name, "bf16")) \
+        == (fp32, bf16)
