@@ -11,8 +11,8 @@ run's record, its command and the provenance) and DIR/<sweep>.png, and print a t
           strategy (partlab/bench_overhead.py)
   all     the five above
 
---model gpt runs every sweep on the transformer (partlab/gpt.py) at its own sizes, the
-tensor-parallel runs with and without --sequence-parallel.
+--model gpt runs every sweep on the transformer (partlab/gpt.py) at its own sizes; step and comm
+run its tensor parallelism with and without --sequence-parallel.
 
 Every point is one driver run launched exactly as a user would (torchrun ... --json ... --check,
 via partlab.lab.run_strategy), so each number can be reproduced from the command stored with it.
@@ -119,7 +119,7 @@ def make_parser(sweep):
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="passed to every driver")
     p.add_argument("--model", choices=("mlp", "gpt"), default="mlp",
-                   help="the model every run trains (gpt: the tensor-parallel runs also with "
+                   help="the model every run trains (gpt: step and comm also run TP with "
                         "--sequence-parallel)")
     p.add_argument("--hidden-dims", type=ints, metavar="N,...", help="model widths")
     p.add_argument("--microbatches", type=ints, metavar="M,...", help="pipeline microbatches")

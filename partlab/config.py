@@ -34,12 +34,19 @@ class Settings:
     vocab_size: int = 64
     sequence_parallel: bool = False     # tensor-parallel drivers only
     lr: float = 0.002
+    optimizer: str = "sgd"
+    momentum: float = 0.0               # SGD's
     seed: int = 0
     dtype: str = "fp32"
     device: str = "auto"
     json: str | None = None
     timeout: float = 180.0
     check: bool = False
+    # checkpoints (partlab/checkpoint.py)
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None  # None: at the last step only
+    keep_checkpoints: int = 2
+    resume: bool = False
     # pipeline only
     microbatches: int | None = None  # None: partition.default_microbatches
     schedule: str = "gpipe"
@@ -63,9 +70,12 @@ DEFAULTS = Settings()
 MODEL_FLAGS = {"mlp": ("input_dim", "num_classes", "activation"),
                "gpt": ("heads", "seq_len", "vocab_size", "sequence_parallel")}
 GPT_DEFAULTS = {"batch_size": 16, "hidden_dim": 64, "lr": 1.0}
+ADAMW_LR = 1e-3
 
 
-def default_lr(model):
+def default_lr(model, optimizer="sgd"):
+    if optimizer == "adamw":
+        return ADAMW_LR
     return GPT_DEFAULTS["lr"] if model == "gpt" else DEFAULTS.lr
 
 
@@ -105,7 +115,20 @@ def make_parser(prog, description):
                    help="gpt with tensor parallelism: split the norms' and residuals' "
                         "activations along the sequence (all_gather / reduce_scatter)")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"SGD learning rate (default {d.lr}; gpt {GPT_DEFAULTS['lr']})")
+                   help=f"learning rate (default: SGD {d.lr}, gpt {GPT_DEFAULTS['lr']}; "
+                        f"AdamW {ADAMW_LR})")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=d.optimizer,
+                   help="sgd (with --momentum) or adamw (torch's defaults but the rate)")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD's momentum")
+    p.add_argument("--checkpoint-dir", metavar="DIR", default=None,
+                   help="save checkpoints here (DIR/step-N, any layout loads them)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", default=None,
+                   help="save every N steps (default: after the last step only)")
+    p.add_argument("--keep-checkpoints", type=int, metavar="K", default=d.keep_checkpoints,
+                   help="keep the newest K checkpoints")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in --checkpoint-dir "
+                        "(--steps counts the whole run)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for weights and synthetic data")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=d.dtype,
                    help="parameter and activation dtype")
@@ -149,7 +172,8 @@ def parse(parser, argv=None):
     for flag in MODEL_FLAGS[other]:
         require(args[flag] is None, f"--{flag.replace('_', '-')} is a --model {other} flag: "
                                     f"drop it, or add --model {other}")
-    defaults = GPT_DEFAULTS if args["model"] == "gpt" else {}
+    defaults = {**(GPT_DEFAULTS if args["model"] == "gpt" else {}),
+                "lr": default_lr(args["model"], args["optimizer"])}
     s = Settings(**{k: v if v is not None else defaults.get(k, getattr(DEFAULTS, k))
                     for k, v in args.items()})
     if s.virtual_stages is None:
@@ -166,5 +190,15 @@ def parse(parser, argv=None):
             f"--hidden-dim {s.hidden_dim} is not divisible by --heads {s.heads}: each head gets "
             f"hidden/heads features; use a multiple of {s.heads}")
     require(s.lr > 0, f"--lr must be positive (got {s.lr})")
+    require(0 <= s.momentum < 1, f"--momentum must be in [0, 1) (got {s.momentum})")
+    require(s.momentum == 0 or s.optimizer == "sgd",
+            "--momentum is SGD's: AdamW keeps its own moments; drop --momentum")
+    for flag, given in (("--checkpoint-every", s.checkpoint_every is not None),
+                        ("--resume", s.resume)):
+        require(not given or s.checkpoint_dir, f"{flag} needs --checkpoint-dir DIR")
+    require(s.checkpoint_every is None or s.checkpoint_every >= 1,
+            f"--checkpoint-every must be at least 1 (got {s.checkpoint_every})")
+    require(s.keep_checkpoints >= 1,
+            f"--keep-checkpoints must be at least 1 (got {s.keep_checkpoints})")
     require(s.timeout > 0, f"--timeout must be positive (got {s.timeout})")
     return s

@@ -19,8 +19,8 @@ import zlib
 import torch
 import torch.distributed as dist
 
+from partlab import checkpoint, nvidia
 from partlab import model as models
-from partlab import nvidia
 from partlab.config import UsageError, parse, require
 
 
@@ -182,6 +182,7 @@ def run(parser, validate, work, argv=None):
     try:
         settings = validate(parse(parser, argv), launch)
         check_outputs(settings, launch)
+        checkpoint.check(settings)
         group = init(settings, launch)
     except UsageError as e:
         return usage_error(e, launch)
@@ -189,7 +190,8 @@ def run(parser, validate, work, argv=None):
         verify_same_settings(settings, group)
         status = work(settings, group)
         dist.barrier()  # leave together: a rank that tears down early can abort gloo peers
-    except UsageError as e:
+    except UsageError as e:      # found once the group exists (--resume's damaged checkpoint)
+        dist.destroy_process_group()
         return usage_error(e, launch)
     except (dist.DistError, RuntimeError) as e:
         failure = collective_failure(e)

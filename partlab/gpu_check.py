@@ -28,10 +28,8 @@ from pathlib import Path
 
 import torch
 
-from partlab import bench_op, ops, strategies
+from partlab import bench_op, nvidia, ops, strategies
 
-# Dense bf16 tensor-core peaks (TFLOP/s, SXM datasheets) to put the measured GEMM next to.
-BF16_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "V100": 125}
 BENCH_SHAPES = ["64x1024->1024", "8192x4096->4096", "16384x64->1024"]
 
 
@@ -92,7 +90,7 @@ def gemm_tflops():
     torch.cuda.synchronize()
     tflops = 2 * n**3 * 10 / (start.elapsed_time(end) / 1e3) / 1e12
     name = torch.cuda.get_device_name()
-    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    peak = nvidia.datasheet_tflops(name, "bf16")
     return {"status": "ok", "tflops": round(tflops, 1), "peak_tflops": peak,
             "share_of_peak": round(tflops / peak, 3) if peak else None}
 

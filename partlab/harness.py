@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 
 from partlab import model as models
+from partlab.checkpoint import TrainState
 from partlab.config import Settings
 from partlab.counters import ActivationMeter, CommCounter
 from partlab.timeline import Timeline
@@ -45,6 +46,7 @@ class Strategy:
     timeline: Timeline | None = None
     layout: PipelineLayout | None = None
     activation_bytes: int | None = None   # the analytic count of the activations this rank saves
+    train_state: TrainState | None = None   # what --checkpoint-dir saves
 
 
 class Driver(Protocol):
@@ -99,8 +101,9 @@ class Trace:
 
 
 def run_steps(settings, device, step_fn, params: Iterable[torch.Tensor] | None = None,
-              timeline=None):
-    """Run `settings.steps` steps of step_fn(x, y) -> loss (or None on ranks without the loss).
+              timeline=None, start=0, after_step=None):
+    """Run steps start .. settings.steps - 1 of step_fn(x, y) -> loss (or None on ranks without
+    the loss); after_step(step), when given, runs after each (untimed: checkpoints).
 
     With `params` (this rank's parameters) the last step runs under CommCounter and
     ActivationMeter: by then one-off set-up traffic (the pipeline's shape exchange on its first
@@ -111,7 +114,7 @@ def run_steps(settings, device, step_fn, params: Iterable[torch.Tensor] | None =
     counter, meter = CommCounter(), None
     if timeline is not None:
         timeline.align_clocks()
-    for step in range(settings.steps):
+    for step in range(start, settings.steps):
         x, y = models.make_batch(settings, step, device)
         measuring = params is not None and step == settings.steps - 1
         if measuring:
@@ -128,6 +131,8 @@ def run_steps(settings, device, step_fn, params: Iterable[torch.Tensor] | None =
         if timeline is not None:
             timeline.read()
         losses.append(math.nan if loss is None else loss.item())
+        if after_step is not None:
+            after_step(step)
     if timeline is not None:
         timeline.step = None
     return Trace(losses, times, counter, meter)

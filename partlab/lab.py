@@ -142,8 +142,9 @@ def activations(record):
     """Each rank's measured activations, then the analytic count where the model has one (once
     when every rank's is the same)."""
     measured = "/".join(f"{m:.2f}" for m in record["peak_activation_mib"])
-    analytic = list(dict.fromkeys(f"{m:.2f}" for m in record.get("analytic_activation_mib") or []
-                                  if m is not None))
+    analytic = [f"{m:.2f}" for m in record.get("analytic_activation_mib") or [] if m is not None]
+    if len(set(analytic)) == 1:
+        analytic = analytic[:1]
     return f"{measured} ({'/'.join(analytic)})" if analytic else measured
 
 

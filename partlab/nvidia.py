@@ -25,19 +25,20 @@ FIX_CPU_BUILD = ("install a CUDA build of torch: rm -rf .venv && scripts/lab.sh 
 FIX_CU126 = ("or use torch's CUDA 12.6 build: rm -rf .venv && PARTLAB_TORCH_VARIANT=cu126 "
              "scripts/lab.sh (in a container: the CUDA 12.6 image, docs/containers.md)")
 # Dense peak TFLOP/s (fp32 on CUDA cores: torch does not use TF32 unless told; bf16 on tensor
-# cores, no sparsity) from NVIDIA's datasheets, by a piece of torch.cuda.get_device_name(); the
-# first match wins, so the PCIe and NVL parts come before the SXM ones they share a name with.
+# cores, no sparsity) from NVIDIA's datasheets, by whole words of torch.cuda.get_device_name();
+# the first match wins, so the PCIe and NVL parts come before the SXM ones they share a name
+# with ("L4" is not "L40", "A10" not "A10G" or "A1000": those are not listed).
 DATASHEET_TFLOPS = (("H100 PCIe", 51, 756), ("H100 NVL", 60, 835), ("H200 NVL", 60, 835),
-                    ("H100", 67, 989), ("H200", 67, 989), ("A100", 19.5, 312),
-                    ("V100-PCIE", 14, None), ("V100", 15.7, None), ("L40S", 91.6, 362),
-                    ("L4", 30.3, 121), ("A10", 31.2, 125))
+                    ("H100", 67, 989), ("H200", 67, 989), ("GH200", 67, 989),
+                    ("A100", 19.5, 312), ("V100-PCIE", 14, None), ("V100", 15.7, None),
+                    ("L40S", 91.6, 362), ("L4", 30.3, 121), ("A10", 31.2, 125))
 
 
 def datasheet_tflops(device_name, dtype):
     """The datasheet's peak for `dtype` ("fp32"/"bf16") on the GPU called device_name, None when
     the GPU is not listed (or, V100, has no bf16)."""
     for part, fp32, bf16 in DATASHEET_TFLOPS:
-        if part in device_name:
+        if re.search(rf"\b{re.escape(part)}\b", device_name):
             return fp32 if dtype == "fp32" else bf16
     return None
 

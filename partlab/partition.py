@@ -36,28 +36,29 @@ def vocab_shard(vocab_size, ways):
     return -(-vocab_size // ways)
 
 
+def tp_dim(name):
+    """The dimension along which tensor parallelism splits the parameter `name` (and its
+    optimizer state), None where every rank holds it whole."""
+    if name.startswith("layers."):
+        if is_column_parallel(name):
+            return 0                               # weight rows and bias: this rank's outputs
+        return 1 if name.endswith("weight") else None   # weight columns; the bias replicated
+    if name in GPT_VOCAB or any(part in name for part in GPT_COLUMN):
+        return 0
+    return 1 if name.endswith(GPT_ROW) else None
+
+
 def tp_slice(name, full, rank, ways):
     """Tensor-parallel rank `rank`'s part of the reference parameter `full` called `name`."""
-    if not name.startswith("layers."):
-        return gpt_tp_slice(name, full, rank, ways)
-    if is_column_parallel(name):
-        return full.chunk(ways, dim=0)[rank]       # weight rows and bias: this rank's outputs
-    if name.endswith("weight"):
-        return full.chunk(ways, dim=1)[rank]       # weight columns: this rank's inputs
-    return full                                    # row-parallel bias: replicated
-
-
-def gpt_tp_slice(name, full, rank, ways):
+    dim = tp_dim(name)
+    if dim is None:
+        return full
     if name in GPT_VOCAB:
         rows = vocab_shard(full.shape[0], ways)
         padded = full.new_zeros(rows * ways, full.shape[1])
         padded[:full.shape[0]] = full
         return padded[rank * rows:(rank + 1) * rows]
-    if any(part in name for part in GPT_COLUMN):
-        return full.chunk(ways, dim=0)[rank]
-    if name.endswith(GPT_ROW):
-        return full.chunk(ways, dim=1)[rank]
-    return full
+    return full.chunk(ways, dim=dim)[rank]
 
 
 def dtensor_plan(model, sequence_parallel=False):
@@ -168,10 +169,16 @@ def pipeline_defaults(settings, ranks, unit=1):
     return settings
 
 
-def check_tensor_parallel(settings, ways, ways_flag="--nproc_per_node"):
+def check_tensor_parallel(settings, ways, ways_flag="--nproc_per_node", native=False):
     """What a tensor-parallel model needs: a width that divides, and whole column/row pairs
-    (MLP) or whole heads on every rank (gpt)."""
+    (MLP) or whole heads on every rank (gpt); native: DTensor's vocabulary split (torch.chunk's:
+    ceil(vocab/t) rows a rank) must leave every rank a row, where manual TP pads."""
     if settings.model == "gpt":
+        rows = vocab_shard(settings.vocab_size, ways)
+        require(not native or rows * (ways - 1) < settings.vocab_size,
+                f"--vocab-size {settings.vocab_size} on {ways} processes leaves the last rank no "
+                f"rows of DTensor's split ({rows} a rank): use a vocabulary above "
+                f"{rows * (ways - 1)}, or manual TP, which pads it")
         require(settings.heads % ways == 0,
                 f"--heads {settings.heads} is not divisible by {ways} processes: each rank "
                 f"holds whole heads; use a multiple of {ways} or change {ways_flag}")

@@ -23,6 +23,7 @@ Run: torchrun --standalone --nproc_per_node 2 -m partlab.pipeline --schedule gpi
 import functools
 
 from partlab import distributed, report
+from partlab.checkpoint import TrainState
 from partlab.config import add_pipeline_flags, make_parser, require
 from partlab.harness import Strategy
 from partlab.partition import check_pipeline, pipeline_defaults, warn_about_bubble
@@ -44,10 +45,11 @@ def validate(settings, launch):
 
 def build(settings, group):
     p = group.world_size
-    step, params, stages, layout = build_pipeline(settings, group, group.rank, p)
+    step, params, stages, layout, opt = build_pipeline(settings, group, group.rank, p)
     return Strategy(f"pipeline_{settings.schedule}", step, params, lambda name, full: full,
                     loss_rank=p - 1,                    # the last stage
-                    timeline=Timeline(stages, group.device), layout=layout)
+                    timeline=Timeline(stages, group.device), layout=layout,
+                    train_state=TrainState(opt, params))
 
 
 def parser():

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 
 from partlab import distributed, missing_torch_feature, report
+from partlab.checkpoint import TrainState
 from partlab.config import add_pipeline_flags, make_parser, require
 from partlab.harness import Strategy
 from partlab.partition import (
@@ -51,7 +52,7 @@ def validate(settings, launch):
     pp = launch.world_size // tp
     unit = stage_unit(settings)
     settings = pipeline_defaults(settings, pp, unit=unit)
-    check_tensor_parallel(settings, tp, ways_flag="--tp")
+    check_tensor_parallel(settings, tp, ways_flag="--tp", native=settings.tp_impl != "manual")
     check_pipeline(settings, pp, unit=unit, processes_per_rank=tp)
     warn_about_bubble(settings, pp, launch.local_rank)
     return settings
@@ -79,9 +80,10 @@ def build(settings, group):
     # The gpt's last stage has logits split by vocabulary: its loss is vocabulary-parallel.
     loss = {"loss_fn": vocab_parallel_loss(settings.vocab_size, tp_group)} if manual and gpt \
         else {"step_context": loss_parallel} if gpt else {}
-    step, params, stages, layout = build_pipeline(
+    step, params, stages, layout, opt = build_pipeline(
         settings, group, group.rank // tp, pp, process_group=mesh["pp"].get_group(),
         unit=stage_unit(settings), shard=shard, **loss)
+    train_state = TrainState(opt, params, tp_group if manual else None)
     if manual:   # this rank's place in its stage: rank = pipeline_rank * tp + tp_index
         def reference_slice(name, full):
             return tp_slice(name, full, group.rank % tp, tp)
@@ -91,7 +93,7 @@ def build(settings, group):
     return Strategy(name, step, params, reference_slice,
                     loss_rank=(pp - 1) * tp,            # the last stage's first tp rank
                     timeline=Timeline(stages, group.device),
-                    layout=dataclasses.replace(layout, tp=tp))
+                    layout=dataclasses.replace(layout, tp=tp), train_state=train_state)
 
 
 def parser():

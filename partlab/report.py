@@ -11,8 +11,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from partlab import checkpoint, nvidia
 from partlab import model as models
-from partlab import nvidia
 from partlab import timeline as pipeline_timeline
 from partlab.config import default_lr
 from partlab.harness import matmul_tflops, peak_memory_mib, run_steps, timed_steps
@@ -81,6 +81,7 @@ class Record:
     bubble: Bubble | None = None
     # Where the workers' process group met (MASTER_ADDR:MASTER_PORT, as torchrun set them).
     store: str | None = None
+    first_step: int = 1            # the step losses[0] is (above 1 when resumed)
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -90,9 +91,14 @@ def train_and_report(build, settings, group):
     """A driver's work (distributed.run): build(settings, group) -> Strategy, train it under the
     harness, compare it with the reference and report. Returns the exit status."""
     strategy = build(settings, group)
+    start = checkpoint.check(settings)     # checked before the group, read again here
+    if start:
+        checkpoint.load(strategy.train_state, settings, start)
+    saver = checkpoint.saver(strategy.train_state, settings, group.rank) \
+        if settings.checkpoint_dir else None
     trace = run_steps(settings, group.device, strategy.step, strategy.params.values(),
-                      strategy.timeline)
-    return finish(strategy, settings, group, trace)
+                      strategy.timeline, start=start, after_step=saver)
+    return finish(strategy, settings, group, trace, start)
 
 
 def max_abs_diff(pairs):
@@ -100,17 +106,18 @@ def max_abs_diff(pairs):
                default=0.0)
 
 
-def finish(strategy, settings, group, trace):
-    """Compare this run with the reference, print the summary on rank 0, write --json (and the
-    pipeline's --timeline files). Returns the exit status (1 when --check and beyond tolerance).
-    """
+def finish(strategy, settings, group, trace, start=0):
+    """Compare this run (steps start + 1 .. --steps; start > 0 when resumed) with the reference,
+    print the summary on rank 0, write --json (and the pipeline's --timeline files). Returns the
+    exit status (1 when --check and beyond tolerance)."""
     peak_mib = peak_memory_mib(group.device)
     # The reference runs on every rank (same device, same seed), after the strategy so it
     # does not count in the strategy's peak memory. On CPU rank 0 times it alone while the
     # others wait (so their --timeout must cover it): its step time is then one process's, not
     # slowed by the other ranks sharing the machine's cores. (GPUs are not shared.)
     ref_model = models.build_model(settings, group.device)
-    ref_step = models.reference_step_fn(ref_model, settings)
+    ref_step = models.reference_step_fn(
+        ref_model, settings, models.make_optimizer(ref_model.parameters(), settings))
     alone = group.device.type == "cpu"
     if alone and group.rank != 0:
         dist.barrier()
@@ -144,7 +151,8 @@ def finish(strategy, settings, group, trace):
 
     losses = loss_t.tolist()
     dparam, step_s = stats.tolist()
-    dloss = max(abs(a - b) for a, b in zip(losses, ref.losses, strict=True))
+    ref_losses = ref.losses[start:]
+    dloss = max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))
     tol = TOLERANCE[settings.dtype]
     layout = strategy.layout
     flops = models.flops_per_step(settings)
@@ -152,7 +160,7 @@ def finish(strategy, settings, group, trace):
     record = Record(
         strategy=strategy.name, world_size=group.world_size, backend=group.backend,
         device=group.device.type, dtype=settings.dtype,
-        losses=losses, reference_losses=ref.losses, max_abs_dloss=dloss, max_abs_dparam=dparam,
+        losses=losses, reference_losses=ref_losses, max_abs_dloss=dloss, max_abs_dparam=dparam,
         tolerance=tol, ok=dloss <= tol["loss"] and dparam <= tol["param"],
         step_time_s=step_s, reference_step_time_s=statistics.median(timed_steps(ref.times)),
         samples_per_s=settings.batch_size / step_s,
@@ -165,7 +173,7 @@ def finish(strategy, settings, group, trace):
         pipeline_ranks=layout.ranks if layout else None,
         stage_layers=layout.stage_layers if layout else None, tp=layout.tp if layout else None,
         store=f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        if "MASTER_ADDR" in os.environ else None)
+        if "MASTER_ADDR" in os.environ else None, first_step=start + 1)
     if strategy.timeline:
         record.bubble = measure_bubble(
             [(rank, *e) for rank, r in enumerate(per_rank) for e in r[5]], settings, record)
@@ -193,9 +201,10 @@ def failure_reason(record, settings):
     first = record.reference_losses[0]
     worst = max(record.reference_losses, key=lambda v: math.inf if math.isnan(v) else v)
     if not math.isfinite(worst) or worst > 10 * first:
+        default = default_lr(settings.model, settings.optimizer)
         return (f"the run diverged (the reference's own loss went from {first:.3g} to "
                 f"{worst:.3g}), so float rounding no longer bounds the difference: lower --lr "
-                f"(now {settings.lr:g}; default {default_lr(settings.model):g})")
+                f"(now {settings.lr:g}; default {default:g})")
     return f"{record.strategy} deviates from the reference beyond tolerance"
 
 
@@ -234,7 +243,7 @@ def print_summary(r):
     print(f"{r.strategy}: {r.world_size} ranks, {r.device}/{r.backend}, {r.dtype}, "
           f"{models.describe(s)}, batch {s['batch_size']}")
     print(f"{'step':>4}  {'loss':>10}  {'reference':>10}  {'|dloss|':>8}")
-    for i, (a, b) in enumerate(zip(r.losses, r.reference_losses, strict=True), 1):
+    for i, (a, b) in enumerate(zip(r.losses, r.reference_losses, strict=True), r.first_step):
         print(f"{i:>4}  {a:>10.6f}  {b:>10.6f}  {abs(a - b):>8.1e}")
     tol = r.tolerance
     print(f"max |dloss| {r.max_abs_dloss:.1e} (tol {tol['loss']:.0e}), max |dparam| "

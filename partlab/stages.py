@@ -1,5 +1,5 @@
 """Pipeline mechanics shared by the pipeline drivers: this rank's stages of the model, their
-schedule from torch.distributed.pipelining, and an SGD step over them.
+schedule from torch.distributed.pipelining, and an optimizer step over them.
 
 A schedule divides gradients by the microbatch count (scale_grads=True) and the loss per
 microbatch is a plain mean, so one step equals the reference's full-batch step.
@@ -32,12 +32,12 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
 
 def build_pipeline(settings, group, rank, ranks, process_group=None, unit=1, shard=None,
                    loss_fn=mlp.loss_fn, step_context=None):
-    """This rank's stages, their schedule and an SGD step over them.
+    """This rank's stages, their schedule and an optimizer step over them.
 
     rank, ranks: place in the pipeline (process_group: its processes, default all);
     shard(module) -> module, applied to each stage (the 2-D mode's tensor parallelism), whose
     logits loss_fn takes (in step_context, e.g. loss_parallel, when it needs one).
-    Returns (step, {name: parameter} of this rank's stages, the stages, layout).
+    Returns (step, {name: parameter} of this rank's stages, the stages, layout, the optimizer).
     """
     total = ranks * settings.virtual_stages
     modules, stages = [], []
@@ -50,7 +50,7 @@ def build_pipeline(settings, group, rank, ranks, process_group=None, unit=1, sha
         stages if settings.schedule in INTERLEAVED else stages[0],
         n_microbatches=settings.microbatches, loss_fn=loss_fn)
     params = {n: p for module in modules for n, p in module.named_parameters()}
-    opt = torch.optim.SGD(params.values(), lr=settings.lr)
+    opt = mlp.make_optimizer(params.values(), settings)
     first, last = stages[0].is_first, stages[-1].is_last
 
     def step(x, y):
@@ -68,4 +68,4 @@ def build_pipeline(settings, group, rank, ranks, process_group=None, unit=1, sha
     layout = PipelineLayout(
         ranks=ranks, stage_layers=[list(stage_layers(settings.layers, s, total, unit))
                                    for s in range(total)])
-    return step, params, stages, layout
+    return step, params, stages, layout, opt

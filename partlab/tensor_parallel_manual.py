@@ -17,8 +17,11 @@ Run: torchrun --standalone --nproc_per_node 2 -m partlab.tensor_parallel_manual
 import argparse
 import functools
 
+import torch.distributed as dist
+
 from partlab import distributed, ops, report
 from partlab import model as models
+from partlab.checkpoint import TrainState
 from partlab.config import make_parser, require
 from partlab.harness import Strategy
 from partlab.partition import check_tensor_parallel, default_layers
@@ -47,14 +50,16 @@ def build(settings, group):
     if settings.model == "gpt":
         model = TensorParallelGPT(full, settings.vocab_size, fused=settings.fused,
                                   sequence_parallel=settings.sequence_parallel)
-        step = models.reference_step_fn(model, settings, loss_of=model.loss)
     else:
         model = ColumnRowParallelMLP(full, fused=settings.fused)
-        step = models.reference_step_fn(model, settings)
+    opt = models.make_optimizer(model.parameters(), settings)
+    step = models.reference_step_fn(model, settings, opt, **(
+        {"loss_of": model.loss} if settings.model == "gpt" else {}))
     name = "tensor_parallel_manual" + ("" if settings.fused else " (unfused)")
     params = dict(model.named_parameters())
     return Strategy(name, step, params, model.reference_slice,
-                    activation_bytes=models.activation_bytes(settings, group.world_size, params))
+                    activation_bytes=models.activation_bytes(settings, group.world_size, params),
+                    train_state=TrainState(opt, params, dist.group.WORLD))
 
 
 def parser():

@@ -15,6 +15,7 @@ import functools
 
 from partlab import distributed, missing_torch_feature, report
 from partlab import model as models
+from partlab.checkpoint import TrainState
 from partlab.config import make_parser
 from partlab.harness import Strategy
 from partlab.partition import check_tensor_parallel, default_layers, dtensor_plan, dtensor_shards
@@ -28,7 +29,7 @@ except ImportError as e:
 
 def validate(settings, launch):
     settings = settings.with_default_layers(default_layers(settings))
-    check_tensor_parallel(settings, launch.world_size)
+    check_tensor_parallel(settings, launch.world_size, native=True)
     return settings
 
 
@@ -36,11 +37,14 @@ def build(settings, group):
     mesh = init_device_mesh(group.device.type, (group.world_size,))
     model = models.build_model(settings, group.device)
     model = parallelize_module(model, mesh, dtensor_plan(model, settings.sequence_parallel))
+    opt = models.make_optimizer(model.parameters(), settings)
     step = models.reference_step_fn(
-        model, settings, loss_context=loss_parallel if settings.model == "gpt" else None)
-    params, reference_slice = dtensor_shards(dict(model.named_parameters()), mesh)
+        model, settings, opt, loss_context=loss_parallel if settings.model == "gpt" else None)
+    dtensors = dict(model.named_parameters())
+    params, reference_slice = dtensor_shards(dtensors, mesh)
     return Strategy("tensor_parallel_native", step, params, reference_slice,
-                    activation_bytes=models.activation_bytes(settings, group.world_size, params))
+                    activation_bytes=models.activation_bytes(settings, group.world_size, params),
+                    train_state=TrainState(opt, dtensors))
 
 
 def parser():

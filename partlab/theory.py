@@ -21,7 +21,7 @@ def boundary_elements(s):
     return [s["input_dim"]] + [s["hidden_dim"]] * (s["layers"] - 1) + [s["num_classes"]]
 
 
-def tp_comm(s, ways, impl="manual"):
+def tp_comm(s, ways, impl):
     """One rank of `ways` tensor-parallel ranks of `impl` ("native" or "manual"; they differ
     only in the gpt's sequence parallelism): the MLP's or the gpt's count."""
     return gpt_tp_comm(s, ways, impl) if s["model"] == "gpt" else mlp_tp_comm(s)
@@ -72,9 +72,10 @@ def ring_wire_bytes(op, payload, ranks):
     """What one rank sends in a ring collective of `payload` bytes (what it hands to the op),
     or point to point: all_reduce is a reduce_scatter and an all_gather, each t-1 messages of
     payload/t, so 2(t-1)/t x payload; an all_gather passes on its t-1 other shards, (t-1) x
-    payload; a send sends its payload. None for what sends nothing (recv)."""
-    return {"all_reduce": 2 * (ranks - 1) / ranks, "reduce_scatter": (ranks - 1) / ranks,
-            "all_gather": ranks - 1, "send": 1}.get(op, 0) * payload or None
+    payload; a send sends its payload, a recv nothing. None for an op not modelled here."""
+    share = {"all_reduce": 2 * (ranks - 1) / ranks, "reduce_scatter": (ranks - 1) / ranks,
+             "all_gather": ranks - 1, "send": 1, "recv": 0}.get(op)
+    return None if share is None else share * payload
 
 
 def pipeline_comm(s, rank, ranks):

@@ -1,5 +1,7 @@
 """Fixtures shared by the test files. The launch helpers themselves are in tests/launch.py."""
+import importlib
 import json
+import os
 import sys
 
 import pytest
@@ -23,3 +25,20 @@ def lab_run(tmp_path_factory):
 def lab_records(lab_run):
     """{registry key: its record} from the session's lab run."""
     return {r["name"]: r for r in lab_run[1]["runs"]}
+
+
+@pytest.fixture
+def in_process(capsys):
+    """A driver's main in this process, as `python -m` without torchrun runs it (a world of one):
+    run(module, *argv) -> (exit status, its output). The environment that launch_env fills in
+    (RANK, MASTER_PORT, ...) is put back afterwards."""
+    saved = dict(os.environ)
+
+    def run_main(module, *argv):
+        status = importlib.import_module(module).main(list(argv))
+        out = capsys.readouterr()
+        return status, out.out + out.err
+
+    yield run_main
+    os.environ.clear()
+    os.environ.update(saved)

@@ -22,13 +22,13 @@ def settings(**kw):
 def test_tp_comm_by_hand():
     # 2 layers (the handout's MLP): one forward all_reduce of the logits, 64 x 10 fp32; the
     # first pair's backward needs none (the input needs no gradient).
-    assert theory.tp_comm(settings(layers=2), 2) == {
+    assert theory.tp_comm(settings(layers=2), 2, "manual") == {
         "all_reduce": {"count": 1, "bytes": 64 * 10 * 4}}
     # 4 layers, batch 32, 64-128-10: forward 32x128 (pair 1's row layer) + 32x10 (pair 2's);
     # backward 32x128 (pair 2's column input): 8512 elements.
     s = settings(batch_size=32, input_dim=64, hidden_dim=128, layers=4)
-    assert theory.tp_comm(s, 2) == {"all_reduce": {"count": 3, "bytes": 34048}}
-    assert theory.tp_comm({**s, "dtype": "bf16"}, 2)["all_reduce"]["bytes"] == 17024
+    assert theory.tp_comm(s, 2, "manual") == {"all_reduce": {"count": 3, "bytes": 34048}}
+    assert theory.tp_comm({**s, "dtype": "bf16"}, 2, "manual")["all_reduce"]["bytes"] == 17024
 
 
 def test_gpt_tp_comm_by_hand():
@@ -36,7 +36,8 @@ def test_gpt_tp_comm_by_hand():
     # tensor is 131,072 bytes; the loss reduces 3 numbers a token (6,144 bytes).
     s = settings(model="gpt", batch_size=16, hidden_dim=64, layers=2)
     # The embedding, 4 a block, the head's input gradient: 10 [tokens, hidden]; the loss's 3.
-    assert theory.tp_comm(s, 2) == {"all_reduce": {"count": 13, "bytes": 10 * 131072 + 6144}}
+    assert theory.tp_comm(s, 2, "manual") == {
+        "all_reduce": {"count": 13, "bytes": 10 * 131072 + 6144}}
     sp = {**s, "sequence_parallel": True}
     native, manual = theory.tp_comm(sp, 2, "native"), theory.tp_comm(sp, 2, "manual")
     # 10 all_gathers of half the tokens, 9 reduce_scatters of all of them, on either.
@@ -49,7 +50,7 @@ def test_gpt_tp_comm_by_hand():
 
 
 def test_ring_wire_bytes_by_hand():
-    assert theory.ring_wire_bytes("all_reduce", 1000, 1) is None      # one rank sends nothing
+    assert theory.ring_wire_bytes("all_reduce", 1000, 1) == 0         # one rank sends nothing
     assert theory.ring_wire_bytes("all_reduce", 1000, 2) == 1000
     assert theory.ring_wire_bytes("all_reduce", 1000, 4) == 1500
     # Sequence parallelism's pair puts an all_reduce's bytes on the wire: a reduce_scatter of
@@ -57,6 +58,7 @@ def test_ring_wire_bytes_by_hand():
     assert theory.ring_wire_bytes("reduce_scatter", 1000, 4) \
         + theory.ring_wire_bytes("all_gather", 250, 4) == 1500
     assert theory.ring_wire_bytes("send", 1000, 4) == 1000
+    assert theory.ring_wire_bytes("broadcast", 1000, 4) is None       # not modelled
 
 
 def test_pipeline_comm_by_hand():

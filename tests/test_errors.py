@@ -118,23 +118,6 @@ def test_1f1b_refuses_a_batch_smaller_than_its_stages():
                         Launch(0, 8, 0, 8))
 
 
-@pytest.fixture
-def in_process(capsys):
-    """A driver's main in this process, as `python -m` without torchrun runs it (a world of one):
-    run(module, *argv) -> (exit status, its output). The environment that launch_env fills in
-    (RANK, MASTER_PORT, ...) is put back afterwards."""
-    saved = dict(os.environ)
-
-    def run_main(module, *argv):
-        status = importlib.import_module(module).main(list(argv))
-        out = capsys.readouterr()
-        return status, out.out + out.err
-
-    yield run_main
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def test_a_model_too_big_for_memory_is_refused_before_allocating(in_process):
     status, out = in_process("partlab.tensor_parallel_manual", "--hidden-dim", "100000000")
     need = bytes_needed(Settings(hidden_dim=100_000_000, layers=2)) / 2**30

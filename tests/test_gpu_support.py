@@ -298,6 +298,9 @@ def test_setup_without_a_matching_nvcc_builds_cpu_kernels_saying_why(tmp_path, n
     ("Tesla V100-SXM2-32GB", 15.7, None),    # no bf16
     ("NVIDIA L40S", 91.6, 362),
     ("NVIDIA GeForce RTX 4090", None, None), # not listed: MFU is against the measured matmul
+    ("NVIDIA L40", None, None),              # not the L4 its name begins with
+    ("NVIDIA A10G", None, None), ("NVIDIA RTX A1000", None, None),
+    ("Tesla V100S-PCIE-32GB", None, None),
 ])
 def test_datasheet_peaks_by_device_name(name, fp32, bf16):
     assert (nvidia.datasheet_tflops(name, "fp32"), nvidia.datasheet_tflops(name, "bf16")) \
