@@ -135,6 +135,8 @@ def list_sweeps():
     return ("partlab bench SWEEP [--quick] [--out DIR] [sizes]; SWEEP is one of:\n"
             + __doc__.split("\n\n")[1]
             + "\n  op      the fused op's micro-benchmark (partlab bench op --help)"
+            + "\n  checkpoint  what --checkpoint-dir costs vs model size (partlab bench "
+              "checkpoint --help)"
             + "\nSizes and defaults: partlab bench SWEEP --help")
 
 

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import time
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,9 @@ from partlab.config import require
 from partlab.partition import GPT_VOCAB, tp_dim
 
 MARKER = "partlab.json"
+# Set above 0 when torchrun (--max-restarts) restarts a failed group, or Slurm requeues a job:
+# such a run resumes from its directory's newest checkpoint (or starts afresh if there is none).
+RESTART_COUNTS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
 NAME = re.compile(r"step-(\d+)$")
 # What a checkpoint must agree on with the run that loads it: the model's shape and its
 # optimizer's kind (the layout, the learning rate and --steps may differ).
@@ -55,13 +59,18 @@ def complete(directory):
     return found
 
 
+def restarted():
+    """Whether this run is a restart of one that failed (torchrun's or Slurm's count)."""
+    return any(int(os.environ.get(name) or 0) > 0 for name in RESTART_COUNTS)
+
+
 def check(settings):
     """Before any collective: what --checkpoint-dir and --resume need of the directory.
     Returns the step to resume after (0 to start afresh)."""
     if not settings.checkpoint_dir:
         return 0
     directory, saved = settings.checkpoint_dir, complete(settings.checkpoint_dir)
-    if not settings.resume:
+    if not (settings.resume or (restarted() and saved)):   # a fresh start
         require(not saved, f"--checkpoint-dir {directory} already holds checkpoints (step "
                            f"{max(saved, default=0)}): add --resume to continue from them, or "
                            "choose another directory")
@@ -77,7 +86,7 @@ def check(settings):
             meta = json.load(f)
         there = meta["settings"]
     except (OSError, ValueError, KeyError) as e:
-        raise_damaged(path, e)
+        raise_damaged(path, f"{type(e).__name__}: {e}")
     require(os.path.isfile(os.path.join(path, ".metadata")),
             f"--resume: {path} has no DCP .metadata: it is damaged; delete it to resume from "
             "the checkpoint before")
@@ -91,8 +100,7 @@ def check(settings):
     return step
 
 
-def raise_damaged(path, error):
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+def raise_damaged(path, reason):
     require(False, f"--resume: {path} cannot be read ({reason}): it is damaged; delete it to "
                    "resume from the checkpoint before")
 
@@ -114,7 +122,8 @@ def layout_free(tensor, name, tp_group, vocab_size):
         shape[dim] *= ways
     mesh = DeviceMesh.from_group(tp_group, tensor.device.type)
     return DTensor.from_local(tensor, mesh, [Shard(dim)], run_check=False,
-                              shape=torch.Size(shape), stride=torch.empty(shape).stride())
+                              shape=torch.Size(shape),
+                              stride=torch.empty(shape, device="meta").stride())
 
 
 def optimizer_state(optimizer, param, settings):
@@ -142,16 +151,26 @@ def state_dict(train, settings):
 
 
 def load(train, settings, step):
-    """Read the checkpoint at `step` (check found it) into this rank's tensors."""
+    """Read the checkpoint at `step` (check found it) into this rank's tensors; returns the
+    seconds it took."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     path = complete(settings.checkpoint_dir)[step]
+    start = time.perf_counter()
     try:
         dcp.load(state_dict(train, settings), checkpoint_id=path)
     except CheckpointException as e:   # every rank's failures, gathered (a BaseException)
-        failure = next(iter(e.failures.values()), (e,))   # (exception, its traceback)
-        raise_damaged(path, failure[0] if isinstance(failure, tuple) else failure)
+        raise_damaged(path, first_failure(e))
+    return time.perf_counter() - start
+
+
+def first_failure(error):
+    """The first rank's exception in DCP's CheckpointException, as 'Type: message'."""
+    failure = next(iter(error.failures.values()), error)
+    failure = failure[0] if isinstance(failure, tuple) else failure   # (exception, traceback)
+    reason = (str(failure).strip().splitlines() or [""])[0]
+    return f"{type(failure).__name__}: {reason}" if reason else type(failure).__name__
 
 
 def prune(directory, keep):
@@ -165,28 +184,39 @@ def prune(directory, keep):
             shutil.rmtree(os.path.join(directory, entry))
 
 
-def saver(train, settings, rank):
-    """after_step(step) for the step loop: saves after every --checkpoint-every steps and the
-    last (0-based `step` done)."""
-    import torch.distributed.checkpoint as dcp
+class Saver:
+    """after_step(step) for the step loop: saves after every --checkpoint-every steps and after
+    the last (`step` 0-based, done). Keeps each save's wall time and the last one's bytes."""
 
-    def after_step(step):
-        done, every = step + 1, settings.checkpoint_every
-        if done != settings.steps and (every is None or done % every):
+    def __init__(self, train, settings, rank):
+        self.train, self.settings, self.rank = train, settings, rank
+        self.seconds, self.bytes = [], None
+
+    def __call__(self, step):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        done, every, s = step + 1, self.settings.checkpoint_every, self.settings
+        if done != s.steps and (every is None or done % every):
             return
-        directory = settings.checkpoint_dir
-        final = os.path.join(directory, f"step-{done:06d}")
+        start = time.perf_counter()
+        final = os.path.join(s.checkpoint_dir, f"step-{done:06d}")
         partial = final + ".partial"
-        if rank == 0:
-            os.makedirs(directory, exist_ok=True)
+        if self.rank == 0:
+            os.makedirs(s.checkpoint_dir, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)   # a save that died before
         dist.barrier()
-        dcp.save(state_dict(train, settings), checkpoint_id=partial)
-        if rank == 0:
+        try:
+            dcp.save(state_dict(self.train, s), checkpoint_id=partial)
+        except CheckpointException as e:       # a full disk, a path that cannot be written
+            require(False, f"--checkpoint-dir {s.checkpoint_dir}: saving step {done} failed "
+                           f"({first_failure(e)}); nothing was published, the checkpoints "
+                           "before are intact: free space or choose another directory")
+        if self.rank == 0:
             with open(os.path.join(partial, MARKER), "w") as f:   # unpublished until renamed
-                json.dump({"step": done, "settings": dataclasses.asdict(settings)}, f, indent=1)
+                json.dump({"step": done, "settings": dataclasses.asdict(s)}, f, indent=1)
             os.replace(partial, final)
-            prune(directory, settings.keep_checkpoints)
+            prune(s.checkpoint_dir, s.keep_checkpoints)
+            self.bytes = sum(os.path.getsize(os.path.join(final, f)) for f in os.listdir(final))
         dist.barrier()
-
-    return after_step
+        self.seconds.append(time.perf_counter() - start)

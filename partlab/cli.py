@@ -24,9 +24,10 @@ def main(argv=None):
                                          "memory, overhead, all; op: the fused op (`partlab "
                                          "bench step --help`)", add_help=False)
     from partlab.bench import SWEEPS
-    bench.add_argument("what", choices=(*SWEEPS, "all", "op", "list"),
-                       help="a sweep (partlab/bench.py) or op: the fused linear+bias+activation "
-                            "op (partlab/bench_op.py); list (or nothing): list them")
+    bench.add_argument("what", choices=(*SWEEPS, "all", "op", "checkpoint", "list"),
+                       help="a sweep (partlab/bench.py); op: the fused linear+bias+activation "
+                            "op (partlab/bench_op.py); checkpoint: what saving costs "
+                            "(partlab/bench_checkpoint.py); list (or nothing): list them")
     if argv[:1] == ["bench"] and (len(argv) == 1 or argv[1].startswith("-")):
         argv = ["bench", "list", *argv[1:]]      # no sweep named: list them, whatever follows
 
@@ -49,6 +50,9 @@ def main(argv=None):
         if args.what == "op":
             from partlab import bench_op
             return bench_op.main(rest)
+        if args.what == "checkpoint":
+            from partlab import bench_checkpoint
+            return bench_checkpoint.main(rest)
         from partlab import bench
         return bench.main(args.what, rest)
     except UsageError as e:

@@ -143,9 +143,13 @@ def init(settings, launch):
     else:
         pin_to_own_cores(launch)
     check_memory(settings, device, launch)
+    timeout = datetime.timedelta(seconds=settings.timeout)
+    store = restart_store(launch, timeout)
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=settings.timeout),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None,
+                                **({"store": store, "rank": launch.rank,
+                                    "world_size": launch.world_size} if store else {}))
     except dist.DistNetworkError as e:
         if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
             port = os.environ.get("MASTER_PORT")
@@ -154,6 +158,19 @@ def init(settings, launch):
         raise
     return Group(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device,
                  backend=backend)
+
+
+def restart_store(launch, timeout):
+    """After torchrun restarts a failed group (--max-restarts), the workers' store is still the
+    rendezvous store torchrun keeps, holding the dead attempt's keys, so gloo can read a dead
+    peer's address and fail to connect (pytorch/pytorch#135712). A prefix per attempt keeps the
+    attempts apart; None (torch's own env:// store) for a first attempt."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          launch.world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"partlab/attempt_{attempt}", store)
 
 
 def verify_same_settings(settings, group):

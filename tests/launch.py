@@ -25,9 +25,10 @@ def run(cmd, timeout=180, env=None):
     return proc, time.perf_counter() - start
 
 
-def torchrun(target, nproc, *args, timeout=180, env=None):
-    """target: a module ("partlab.pipeline") or a script path (for the fault-injection helper)."""
+def torchrun(target, nproc, *args, timeout=180, env=None, torchrun_flags=()):
+    """target: a module ("partlab.pipeline") or a script path (for the fault-injection helper);
+    torchrun_flags go to torchrun itself (--max-restarts)."""
     launch = ["-m", target] if not target.endswith(".py") else [target]
-    return run([TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), *launch, *args],
-               timeout=timeout, env=env)
+    return run([TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), *torchrun_flags,
+                *launch, *args], timeout=timeout, env=env)
 

@@ -207,6 +207,16 @@ class SlurmCluster:
         assert proc.returncode == 0, f"sbatch {args} failed: {proc.stderr}{proc.stdout}"
         return proc.stdout.strip().split(";")[0]
 
+    def requeue(self, job):
+        """Kill the job's run and put it back in the queue, as preemption does; Slurm makes a
+        requeued job wait 2 minutes before it may start again, which the tests skip."""
+        proc = self._run(["scontrol", "requeue", job])
+        assert proc.returncode == 0, f"scontrol requeue {job}: {proc.stderr}{proc.stdout}"
+        self._wait(lambda: self.job_info(job).get("JobState") == "PENDING", 60,
+                   f"job {job} back in the queue", self.dir / "log/slurmctld.log")
+        proc = self._run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+        assert proc.returncode == 0, f"scontrol update {job}: {proc.stderr}{proc.stdout}"
+
     def job_info(self, job):
         """`scontrol show job` as a dict (JobState, ExitCode, StdOut, RunTime, ...)."""
         out = self._run(["scontrol", "show", "job", "-o", job]).stdout

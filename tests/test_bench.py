@@ -139,6 +139,18 @@ def test_gpt_comm_measured_equals_analytic(tmp_path):
         assert (r["count"], r["bytes"]) == (r["count_analytic"], r["bytes_analytic"]), r
 
 
+def test_checkpoint_bench_measures_saves_loads_and_size(tmp_path):
+    proc, _ = run([*PARTLAB, "bench", "checkpoint", "--hidden-dims", "64", "--out",
+                   str(tmp_path)], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    [row] = json.loads((tmp_path / "checkpoint.json").read_text())["results"]
+    # AdamW's checkpoint: each parameter and its two moments in fp32 (12 bytes), plus DCP's
+    # index and partlab.json.
+    size = row["checkpoint_mib"] * 2**20
+    assert 12 * row["parameters"] <= size <= 12 * row["parameters"] + 2**17, row
+    assert row["save_ms"] > 0 and row["load_ms"] > 0 and row["cost_every_1"] > 0, row
+
+
 def test_the_other_models_size_is_refused(capsys):
     assert cli.main(["bench", "comm", "--model", "gpt", "--input-dim", "64"]) == 2
     assert capsys.readouterr().err.strip() == (

@@ -76,6 +76,35 @@ def test_a_checkpoint_loads_into_every_other_layout(model, saved_by, loaded_by, 
         assert "   3  " in proc.stdout and "   1  " not in proc.stdout, proc.stdout[-2000:]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """6 steps of manual TP with AdamW, checkpointed every 2: (its record, its last checkpoint)."""
+    d = tmp_path_factory.mktemp("uninterrupted")
+    launch(2, MANUAL, *MLP, "--optimizer", "adamw", "--steps", "6", "--checkpoint-every", "2",
+           "--checkpoint-dir", d / "ck", "--json", d / "run.json")
+    return json.loads((d / "run.json").read_text()), d / "ck" / "step-000006"
+
+
+@pytest.mark.parametrize("fault,resumed_after", [("kill-mid-run", 2), ("kill-in-save", 2)])
+def test_a_killed_rank_costs_only_the_steps_since_the_last_checkpoint(fault, resumed_after,
+                                                                      uninterrupted, tmp_path):
+    # tests/helpers/fault.py SIGKILLs a worker in torchrun's first attempt: rank 1 at step 4, or
+    # rank 0 in the save of step 4 after DCP wrote its files but before it was published.
+    # torchrun restarts the group, which resumes from step 2, the last complete checkpoint, and
+    # ends where the uninterrupted run ended, bit for bit.
+    proc, _ = torchrun("tests/helpers/fault.py", 2, fault, MANUAL, *MLP, "--optimizer",
+                       "adamw", "--steps", "6", "--checkpoint-every", "2", "--checkpoint-dir",
+                       tmp_path / "ck", "--json", tmp_path / "run.json", timeout=300,
+                       torchrun_flags=["--max-restarts", "1"])
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    record = json.loads((tmp_path / "run.json").read_text())
+    whole, last = uninterrupted
+    assert record["first_step"] == resumed_after + 1
+    assert record["losses"] == whole["losses"][resumed_after:]
+    a, b = tensors(last, tmp_path), tensors(tmp_path / "ck" / "step-000006", tmp_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def error_line(output):
     [line] = [line for line in output.splitlines() if line.startswith("partlab: error:")]
     return line
@@ -123,6 +152,16 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(saved, in_process, change, a
     argv = [*MLP, "--steps", "4", *args, "--checkpoint-dir", str(saved), "--resume"]
     status, out = in_process(MANUAL, *argv)
     assert status == 2 and message in error_line(out), out[-2000:]
+
+
+def test_a_save_that_fails_is_an_error_not_a_skip(tmp_path, in_process):
+    # A file where the save's directory must go: DCP cannot write it (as on a full disk).
+    d = tmp_path / "ck"
+    d.mkdir()
+    (d / "step-000002.partial").write_text("in the way")
+    status, out = in_process(MANUAL, *MLP, "--steps", "2", "--checkpoint-dir", str(d))
+    assert status == 2 and "saving step 2 failed (FileExistsError" in error_line(out), out
+    assert sorted(p.name for p in d.iterdir()) == ["step-000002.partial"]   # nothing published
 
 
 def test_no_checkpoint_and_a_used_directory_are_refused(saved, tmp_path, in_process):

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -87,14 +88,14 @@ def assert_completed(job, info, log):
         f"job {job}: {info.get('JobState')} exit {info.get('ExitCode')}\n--- log\n{log[-6000:]}")
 
 
-def assert_matches_reference(record, log, world_size=2):
+def assert_matches_reference(record, log, world_size=2, steps=3):
     where = f"\nrecord: {json.dumps(record)[:1500]}\n--- log\n{log[-3000:]}"
     tol = record["tolerance"]
     assert record["ok"] is True, where
     assert record["max_abs_dloss"] <= tol["loss"], where
     assert record["max_abs_dparam"] <= tol["param"], where
     assert record["world_size"] == world_size, where
-    assert len(record["losses"]) == 3, where
+    assert len(record["losses"]) == steps, where
 
 
 # --- the scripts themselves ------------------------------------------------------------------
@@ -270,6 +271,43 @@ def test_a_failing_rank_ends_the_job(slurm, results, tmp_path):
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (info, log[-4000:])
     assert "rank 1 exits (injected failure)" in log, log[-4000:]
     assert seconds(info["RunTime"]) < 60, (info["RunTime"], log[-4000:])
+
+
+def test_a_requeued_job_resumes_from_its_checkpoint(slurm, results, tmp_path):
+    """The job's first run sleeps 0.5 s a step (sitecustomize, only while SLURM_RESTART_COUNT is
+    unset); once it has saved a checkpoint it is requeued, as a preempted job is. Slurm runs the
+    script again with SLURM_RESTART_COUNT=1, and the run resumes from the newest checkpoint."""
+    inject, ck = tmp_path / "inject", tmp_path / "ck"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if 'LOCAL_RANK' in os.environ and not os.environ.get('SLURM_RESTART_COUNT'):\n"
+        "    import time\n"
+        "    import partlab.model\n"
+        "    _batch = partlab.model.make_batch\n"
+        "    def slow_batch(*args, **kwargs):\n"
+        "        time.sleep(0.5)\n"
+        "        return _batch(*args, **kwargs)\n"
+        "    partlab.model.make_batch = slow_batch\n")
+    job = slurm.sbatch(["--requeue", "--cpus-per-task=2", str(SLURM_DIR / "run.sbatch"),
+                        "tp-manual", *SMALL, "--steps", "40", "--checkpoint-every", "2",
+                        "--checkpoint-dir", str(ck)],
+                       env=job_env(results, PARTLAB_ROOT=str(ROOT), PYTHONPATH=str(inject)),
+                       cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not list(ck.glob("step-*/partlab.json")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert list(ck.glob("step-*/partlab.json")), slurm.job_info(job)
+    slurm.requeue(job)
+    info = slurm.wait(job, JOB_TIMEOUT)
+    log = (results / job / f"slurm-{job}.out").read_text()
+    assert_completed(job, info, log)
+    assert info["Restarts"] == "1", info
+    record = json.loads((results / job / "tp-manual.json").read_text())
+    assert 1 < record["first_step"] < 40, record["first_step"]
+    assert_matches_reference(record, log, steps=41 - record["first_step"])
+    print(f"requeue test: submitted {info['SubmitTime']}, eligible {info['EligibleTime']}, "
+          f"started {info['StartTime']}, ended {info['EndTime']}")
 
 
 def test_a_missing_venv_fails_the_job_in_one_line(slurm, results, tmp_path):
