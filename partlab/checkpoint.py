@@ -23,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from partlab.config import require
+from partlab.config import UsageError, require
 from partlab.partition import GPT_VOCAB, tp_dim
 
 MARKER = "partlab.json"
@@ -31,10 +31,12 @@ MARKER = "partlab.json"
 # such a run resumes from its directory's newest checkpoint (or starts afresh if there is none).
 RESTART_COUNTS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
 NAME = re.compile(r"step-(\d+)$")
-# What a checkpoint must agree on with the run that loads it: the model's shape and its
-# optimizer's kind (the layout, the learning rate and --steps may differ).
+# What a checkpoint must agree on with the run that loads it: the model's shape, what the data
+# and weights follow from, and the optimizer, so that the run goes on as the reference does (the
+# layout and --steps may differ).
 MUST_MATCH = ("model", "layers", "hidden_dim", "input_dim", "num_classes", "activation", "heads",
-              "seq_len", "vocab_size", "dtype", "optimizer", "momentum")
+              "seq_len", "vocab_size", "dtype", "seed", "batch_size", "optimizer", "lr",
+              "momentum")
 
 
 @dataclasses.dataclass
@@ -64,13 +66,32 @@ def restarted():
     return any(int(os.environ.get(name) or 0) > 0 for name in RESTART_COUNTS)
 
 
+def run_id():
+    """What a restart keeps: the Slurm job and torchrun's run id (run.sbatch sets it to the job),
+    so that a restart resumes only from checkpoints its own first attempt saved."""
+    return f"{os.environ.get('SLURM_JOB_ID', '')}/{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+
+
+def read_marker(path):
+    """A checkpoint's partlab.json; a damaged one is a one-line error."""
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            meta = json.load(f)
+        if not isinstance(meta.get("settings"), dict):
+            raise ValueError("no settings")
+        return meta
+    except (OSError, ValueError, AttributeError) as e:
+        raise_damaged(path, f"{type(e).__name__}: {e}")
+
+
 def check(settings):
     """Before any collective: what --checkpoint-dir and --resume need of the directory.
     Returns the step to resume after (0 to start afresh)."""
     if not settings.checkpoint_dir:
         return 0
     directory, saved = settings.checkpoint_dir, complete(settings.checkpoint_dir)
-    if not (settings.resume or (restarted() and saved)):   # a fresh start
+    own = restarted() and saved and read_marker(max(saved.items())[1]).get("run") == run_id()
+    if not (settings.resume or own):   # a fresh start
         require(not saved, f"--checkpoint-dir {directory} already holds checkpoints (step "
                            f"{max(saved, default=0)}): add --resume to continue from them, or "
                            "choose another directory")
@@ -81,12 +102,7 @@ def check(settings):
     require(saved, f"--resume: {directory} holds no complete checkpoint (a step-N directory "
                    f"with {MARKER}): run without --resume to start from step 0")
     step, path = max(saved.items())
-    try:
-        with open(os.path.join(path, MARKER)) as f:
-            meta = json.load(f)
-        there = meta["settings"]
-    except (OSError, ValueError, KeyError) as e:
-        raise_damaged(path, f"{type(e).__name__}: {e}")
+    there = read_marker(path)["settings"]
     require(os.path.isfile(os.path.join(path, ".metadata")),
             f"--resume: {path} has no DCP .metadata: it is damaged; delete it to resume from "
             "the checkpoint before")
@@ -94,33 +110,32 @@ def check(settings):
     require(not differ, f"--resume: {path} is of another model: " + ", ".join(
         f"--{k.replace('_', '-')} {there.get(k)} there, {getattr(settings, k)} here"
         for k in differ))
-    require(step < settings.steps, f"--resume: {path} is at step {step} and --steps is "
+    require(step < settings.steps or own, f"--resume: {path} is at step {step} and --steps is "
                                    f"{settings.steps} (the whole run): nothing is left to train; "
                                    "raise --steps")
     return step
 
 
 def raise_damaged(path, reason):
-    require(False, f"--resume: {path} cannot be read ({reason}): it is damaged; delete it to "
-                   "resume from the checkpoint before")
+    raise UsageError(f"--resume: {path} cannot be read ({reason}): it is damaged; delete it to "
+                     "resume from the checkpoint before")
 
 
-def layout_free(tensor, name, tp_group, vocab_size):
+def layout_free(tensor, name, mesh, vocab_size):
     """`tensor` (a parameter or its optimizer state) as DCP should see it: where it sits in the
-    reference's full tensor."""
-    from torch.distributed.tensor import DeviceMesh, DTensor, Shard
+    reference's full tensor (mesh: manual TP's group, None where plain tensors are whole)."""
+    from torch.distributed.tensor import DTensor, Shard
 
     dim = tp_dim(name)
-    if tp_group is None or isinstance(tensor, DTensor) or dim is None or tensor.dim() == 0:
+    if mesh is None or isinstance(tensor, DTensor) or dim is None or tensor.dim() == 0:
         return tensor                       # whole on this rank (DCP keeps one copy), or placed
-    ways, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    ways, rank = mesh.size(), mesh.get_local_rank()
     shape = list(tensor.shape)
     if name in GPT_VOCAB:   # this rank's real rows, as torch.chunk splits the vocabulary
         rows = max(0, min(shape[0], vocab_size - rank * shape[0]))
         tensor, shape[0] = tensor[:rows], vocab_size
     else:
         shape[dim] *= ways
-    mesh = DeviceMesh.from_group(tp_group, tensor.device.type)
     return DTensor.from_local(tensor, mesh, [Shard(dim)], run_check=False,
                               shape=torch.Size(shape),
                               stride=torch.empty(shape, device="meta").stride())
@@ -140,13 +155,15 @@ def optimizer_state(optimizer, param, settings):
 
 def state_dict(train, settings):
     """This rank's part of the checkpoint: views of its own tensors, so a load writes into them."""
+    from torch.distributed.tensor import DeviceMesh
+
+    device = next(iter(train.params.values())).device.type
+    mesh = DeviceMesh.from_group(train.tp_group, device) if train.tp_group is not None else None
     result = {}
     for name, param in train.params.items():
-        result[f"model.{name}"] = layout_free(param.detach(), name, train.tp_group,
-                                              settings.vocab_size)
+        result[f"model.{name}"] = layout_free(param.detach(), name, mesh, settings.vocab_size)
         for key, value in optimizer_state(train.optimizer, param, settings).items():
-            result[f"optim.{name}.{key}"] = layout_free(value, name, train.tp_group,
-                                                        settings.vocab_size)
+            result[f"optim.{name}.{key}"] = layout_free(value, name, mesh, settings.vocab_size)
     return result
 
 
@@ -209,14 +226,27 @@ class Saver:
         try:
             dcp.save(state_dict(self.train, s), checkpoint_id=partial)
         except CheckpointException as e:       # a full disk, a path that cannot be written
-            require(False, f"--checkpoint-dir {s.checkpoint_dir}: saving step {done} failed "
-                           f"({first_failure(e)}); nothing was published, the checkpoints "
-                           "before are intact: free space or choose another directory")
+            raise UsageError(f"--checkpoint-dir {s.checkpoint_dir}: saving step {done} failed "
+                             f"({first_failure(e)}); nothing was published, the checkpoints "
+                             "before are intact") from None
+        failure = [None]
         if self.rank == 0:
-            with open(os.path.join(partial, MARKER), "w") as f:   # unpublished until renamed
-                json.dump({"step": done, "settings": dataclasses.asdict(s)}, f, indent=1)
-            os.replace(partial, final)
-            prune(s.checkpoint_dir, s.keep_checkpoints)
-            self.bytes = sum(os.path.getsize(os.path.join(final, f)) for f in os.listdir(final))
-        dist.barrier()
+            try:
+                self.publish(partial, final, done)
+            except OSError as e:
+                failure = [f"{type(e).__name__}: {e}"]
+        dist.broadcast_object_list(failure, src=0)       # every rank stops, not only rank 0
+        require(failure[0] is None, f"--checkpoint-dir {s.checkpoint_dir}: publishing step "
+                                    f"{done} failed ({failure[0]})")
         self.seconds.append(time.perf_counter() - start)
+
+    def publish(self, partial, final, done):
+        """Rank 0: the marker, the rename that makes the checkpoint, then the pruning."""
+        s = self.settings
+        with open(os.path.join(partial, MARKER), "w") as f:   # unpublished until renamed
+            json.dump({"step": done, "run": run_id(), "settings": dataclasses.asdict(s)}, f,
+                      indent=1)
+        shutil.rmtree(final, ignore_errors=True)              # a step-N without its marker
+        os.replace(partial, final)
+        prune(s.checkpoint_dir, s.keep_checkpoints)
+        self.bytes = sum(os.path.getsize(os.path.join(final, f)) for f in os.listdir(final))

@@ -194,6 +194,7 @@ def parse(parser, argv=None):
     require(s.momentum == 0 or s.optimizer == "sgd",
             "--momentum is SGD's: AdamW keeps its own moments; drop --momentum")
     for flag, given in (("--checkpoint-every", s.checkpoint_every is not None),
+                        ("--keep-checkpoints", s.keep_checkpoints != DEFAULTS.keep_checkpoints),
                         ("--resume", s.resume)):
         require(not given or s.checkpoint_dir, f"{flag} needs --checkpoint-dir DIR")
     require(s.checkpoint_every is None or s.checkpoint_every >= 1,

@@ -199,7 +199,11 @@ def run(parser, validate, work, argv=None):
     try:
         settings = validate(parse(parser, argv), launch)
         check_outputs(settings, launch)
-        checkpoint.check(settings)
+        if checkpoint.check(settings) >= settings.steps:   # only a restart after the last save
+            if launch.rank == 0:
+                print(f"partlab: the run's last step ({settings.steps}) is saved in "
+                      f"{settings.checkpoint_dir} already: nothing is left to train")
+            return 0
         group = init(settings, launch)
     except UsageError as e:
         return usage_error(e, launch)

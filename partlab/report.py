@@ -14,7 +14,7 @@ import torch.distributed as dist
 from partlab import checkpoint, nvidia
 from partlab import model as models
 from partlab import timeline as pipeline_timeline
-from partlab.config import default_lr
+from partlab.config import default_lr, require
 from partlab.harness import matmul_tflops, peak_memory_mib, run_steps, timed_steps
 
 # Tolerances against the reference (max abs difference after all steps).
@@ -115,6 +115,11 @@ def train_and_report(build, settings, group):
     harness, compare it with the reference and report. Returns the exit status."""
     strategy = build(settings, group)
     start = checkpoint.check(settings)     # checked before the group, read again here
+    chosen = torch.tensor([start], device=group.device)
+    dist.broadcast(chosen, src=0)
+    require(int(chosen) == start, f"rank {group.rank} finds step {start} the newest checkpoint "
+            f"in --checkpoint-dir, rank 0 step {int(chosen)}: every rank must see the same "
+            "directory (one file system shared by the nodes)")
     load_s = checkpoint.load(strategy.train_state, settings, start) if start else None
     saver = checkpoint.Saver(strategy.train_state, settings, group.rank) \
         if settings.checkpoint_dir else None

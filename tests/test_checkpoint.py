@@ -135,6 +135,7 @@ def saved(tmp_path, in_process):
     (None, ["--hidden-dim", "32"],
      "step-000002 is of another model: --hidden-dim 64 there, 32 here"),
     (None, ["--optimizer", "adamw"], "--optimizer sgd there, adamw here"),
+    (None, ["--seed", "1"], "--seed 0 there, 1 here"),
     (None, ["--steps", "2"], "is at step 2 and --steps is 2 (the whole run): nothing is left"),
     ("truncate", [], "step-000002 cannot be read (EOFError): it is damaged"),
     ("metadata", [], "step-000002 has no DCP .metadata: it is damaged"),
@@ -162,6 +163,21 @@ def test_a_save_that_fails_is_an_error_not_a_skip(tmp_path, in_process):
     status, out = in_process(MANUAL, *MLP, "--steps", "2", "--checkpoint-dir", str(d))
     assert status == 2 and "saving step 2 failed (FileExistsError" in error_line(out), out
     assert sorted(p.name for p in d.iterdir()) == ["step-000002.partial"]   # nothing published
+
+
+def test_a_restart_resumes_only_its_own_run_and_ends_if_it_was_done(tmp_path, in_process,
+                                                                    monkeypatch):
+    d = str(tmp_path / "ck")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "first")
+    assert in_process(MANUAL, *MLP, "--steps", "2", "--checkpoint-dir", d)[0] == 0
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    # Killed after its last save: the restart has nothing to do, and says so, exit 0.
+    status, out = in_process(MANUAL, *MLP, "--steps", "2", "--checkpoint-dir", d)
+    assert status == 0 and "nothing is left to train" in out, out
+    # Another run restarted onto the directory does not take the first run's checkpoints.
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "second")
+    status, out = in_process(MANUAL, *MLP, "--steps", "4", "--checkpoint-dir", d)
+    assert status == 2 and "already holds checkpoints" in error_line(out), out
 
 
 def test_no_checkpoint_and_a_used_directory_are_refused(saved, tmp_path, in_process):

@@ -294,7 +294,7 @@ def test_a_requeued_job_resumes_from_its_checkpoint(slurm, results, tmp_path):
                         "--checkpoint-dir", str(ck)],
                        env=job_env(results, PARTLAB_ROOT=str(ROOT), PYTHONPATH=str(inject)),
                        cwd=tmp_path)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + JOB_TIMEOUT
     while not list(ck.glob("step-*/partlab.json")) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert list(ck.glob("step-*/partlab.json")), slurm.job_info(job)
