@@ -79,6 +79,7 @@ QUICK_SWEEP = {"bubble": {"microbatches": [4]}, "memory": {"microbatches": [4]},
 DONE = {}
 NUM_CLASSES = 10
 TP = strategies.of_kind("tp")
+PIPELINES = strategies.of_kind("pipeline")
 
 
 def with_sequence_parallel(entry):
@@ -90,7 +91,6 @@ def with_sequence_parallel(entry):
 def tensor_parallel(model):
     """The tensor-parallel entries a sweep runs: the gpt's with and without SP."""
     return TP + [with_sequence_parallel(e) for e in TP] if model == "gpt" else TP
-PIPELINES = strategies.of_kind("pipeline")
 
 
 def ints(text):

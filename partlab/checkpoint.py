@@ -90,19 +90,20 @@ def check(settings):
     if not settings.checkpoint_dir:
         return 0
     directory, saved = settings.checkpoint_dir, complete(settings.checkpoint_dir)
-    own = restarted() and saved and read_marker(max(saved.items())[1]).get("run") == run_id()
+    step, path = max(saved.items()) if saved else (0, None)
+    meta = read_marker(path) if saved and (settings.resume or restarted()) else None
+    own = restarted() and meta is not None and meta.get("run") == run_id()
     if not (settings.resume or own):   # a fresh start
         require(not saved, f"--checkpoint-dir {directory} already holds checkpoints (step "
-                           f"{max(saved, default=0)}): add --resume to continue from them, or "
-                           "choose another directory")
+                           f"{step}): add --resume to continue from them, or choose another "
+                           "directory")
         parent = os.path.dirname(os.path.abspath(directory))
         require(os.path.isdir(directory) or os.access(parent, os.W_OK),
                 f"--checkpoint-dir {directory}: {parent} is not a writable directory")
         return 0
     require(saved, f"--resume: {directory} holds no complete checkpoint (a step-N directory "
                    f"with {MARKER}): run without --resume to start from step 0")
-    step, path = max(saved.items())
-    there = read_marker(path)["settings"]
+    there = meta["settings"]
     require(os.path.isfile(os.path.join(path, ".metadata")),
             f"--resume: {path} has no DCP .metadata: it is damaged; delete it to resume from "
             "the checkpoint before")
@@ -192,8 +193,9 @@ def first_failure(error):
 
 def prune(directory, keep):
     """Delete all but the newest `keep` checkpoints, and what saves that died left behind."""
-    newest = sorted(complete(directory))[-keep:]
-    for step, path in complete(directory).items():
+    saved = complete(directory)
+    newest = sorted(saved)[-keep:]
+    for step, path in saved.items():
         if step not in newest:
             shutil.rmtree(path)
     for entry in os.listdir(directory):
