@@ -19,7 +19,7 @@ via partlab.lab.run_strategy), so each number can be reproduced from the command
 A failed run is reported with its `partlab:` lines and makes the exit status 1; the sweep goes on.
 `partlab bench op` (partlab/bench_op.py) is the fused op's micro-benchmark. (This file is longer
 than partlab's usual 300 lines: five sweeps and their sizes for two models; the analytic
-model they check lives in partlab/theory.py, the plots in partlab/plots.py.)
+model they check lives in partlab/theory/, the plots in partlab/plots.py.)
 """
 import argparse
 import dataclasses
@@ -33,7 +33,7 @@ import tempfile
 from partlab import lab, plots, strategies
 from partlab.config import UsageError
 from partlab.report import write_json
-from partlab.theory import pipeline_comm, ring_wire_bytes, tp_comm
+from partlab.theory.comm import pipeline_comm, ring_wire_bytes, tp_comm
 
 # Sizes per sweep. Defaults take 4-10 s per run on 2 CPU cores; on GPUs pass bigger ones
 # (--hidden-dims 16384 --batch-size 1024). A sweep that needs one width uses the largest of
@@ -171,6 +171,7 @@ class Sweep:
         self.model = args.model
         self.nproc, self.runs_on = lab.choose_processes(max(sizes["nproc"]), args.device)
         self.points, self.commands, self.failed = [], [], []
+        os.makedirs(self.out, exist_ok=True)      # the runs write their timelines there
         print(f"partlab bench {name}: " + ", ".join(f"{k} {v}" for k, v in sizes.items())
               + f" ({'--quick: not a measurement' if args.quick else self.runs_on})", flush=True)
 
@@ -215,7 +216,6 @@ class Sweep:
         """Print rows as a table (columns: (heading, key, format)), write the JSON and plot."""
         print(lab.aligned([[c[0] for c in columns]]
                     + [[cell(r.get(key), fmt) for _, key, fmt in columns] for r in rows]))
-        os.makedirs(self.out, exist_ok=True)
         stem = os.path.join(self.out, self.name)
         result = {"sweep": self.name, "sizes": self.sizes, "results": rows, **extra,
                   "provenance": lab.provenance(self.nproc, self.runs_on),
@@ -298,8 +298,9 @@ def run_pipeline(sweep, p, entry, m, *extra):
 
 
 def bubble(sweep):
-    """Measured bubble per schedule vs microbatches, with theory (none for zero-bubble, whose
-    weight-gradient work fills the idle slots); --timeline charts for the largest m."""
+    """Measured bubble per schedule vs microbatches, beside this model's ideal (the schedule's
+    order simulated with the run's own call times) and the closed form for equal stages;
+    --timeline charts for the largest m."""
     s = sweep.sizes
     rows, timelines = [], []
     for p, entry, m in itertools.product(s["nproc"], PIPELINES, s["microbatches"]):
@@ -309,18 +310,20 @@ def bubble(sweep):
         record = run_pipeline(sweep, p, entry, m,
                               *["--timeline", prefix] * (m == max(s["microbatches"])))
         if record:
-            v, measured = record["settings"]["virtual_stages"], record["bubble"]["measured"]
-            ideal = record["bubble"]["theory"]
+            b = record["bubble"]
             rows.append({"schedule": schedule, "nproc": p, "microbatches": m,
-                         "virtual_stages": v, "measured": measured, "theory": ideal,
-                         "excess": None if ideal is None else measured - ideal,
-                         "per_rank": record["bubble"]["per_rank"]})
-            timelines += record["bubble"]["files"] or []
+                         "virtual_stages": record["settings"]["virtual_stages"],
+                         "measured": b["measured"], "ideal": b["ideal"], "theory": b["theory"],
+                         "ratio": b["measured"] / b["ideal"], "span_ms": b["span_s"] * 1e3,
+                         "ideal_span_ms": b["ideal_span_s"] * 1e3,
+                         "per_rank": b["per_rank"]})
+            timelines += b["files"] or []
     return sweep.write(rows, [
         ("schedule", "schedule", "{}"), ("ranks", "nproc", "{}"), ("m", "microbatches", "{}"),
         ("v", "virtual_stages", "{}"), ("measured", "measured", "{:.1%}"),
-        ("theory", "theory", "{:.1%}"), ("measured - theory", "excess", "{:+.1%}")],
-        timelines=timelines)
+        ("ideal (this model)", "ideal", "{:.1%}"), ("measured / ideal", "ratio", "{:.2f}x"),
+        ("equal stages", "theory", "{:.1%}"), ("step span ms", "span_ms", "{:.1f}"),
+        ("ideal span ms", "ideal_span_ms", "{:.1f}")], timelines=timelines)
 
 
 def comm(sweep):
@@ -359,9 +362,10 @@ def comm(sweep):
 
 
 def memory(sweep):
-    """Peak activation memory per rank, GPipe vs 1F1B, vs microbatches. GPipe keeps all m
-    microbatches' activations until the backwards start; 1F1B at most p - rank of them, so on
-    rank 0 the ratio should be m/p (1 while m <= p)."""
+    """Peak activation memory per rank, GPipe vs 1F1B, vs microbatches, measured and analytic
+    (partlab/theory/memory.py). GPipe keeps all m microbatches' activations until the backwards
+    start; 1F1B at most p - rank of them, so on rank 0 the ratio should be m/p (1 while
+    m <= p)."""
     rows = []
     for p, m in itertools.product(sweep.sizes["nproc"], sweep.sizes["microbatches"]):
         row = {"nproc": p, "microbatches": m, "expected_ratio_rank0": m / min(m, p)}
@@ -369,6 +373,7 @@ def memory(sweep):
             record = run_pipeline(sweep, p, strategies.get(f"pipeline-{schedule}"), m)
             if record:
                 row[f"{schedule}_activation_mib"] = record["peak_activation_mib"]
+                row[f"{schedule}_analytic_mib"] = record["analytic_activation_mib"]
                 row[f"{schedule}_peak_memory_mib"] = record["peak_memory_mib"]
         if "gpipe_activation_mib" in row and "1f1b_activation_mib" in row:
             row["ratio"] = [g / f for g, f in zip(row["gpipe_activation_mib"],
@@ -378,6 +383,8 @@ def memory(sweep):
         ("ranks", "nproc", "{}"), ("m", "microbatches", "{}"),
         ("gpipe act MiB/rank", "gpipe_activation_mib", "{:.2f}"),
         ("1f1b act MiB/rank", "1f1b_activation_mib", "{:.2f}"),
+        ("analytic gpipe", "gpipe_analytic_mib", "{:.2f}"),
+        ("analytic 1f1b", "1f1b_analytic_mib", "{:.2f}"),
         ("gpipe/1f1b per rank", "ratio", "{:.2f}"),
         ("m/p (rank 0)", "expected_ratio_rank0", "{:.2f}"),
         ("peak MiB gpipe", "gpipe_peak_memory_mib", "{:.0f}"),

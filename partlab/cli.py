@@ -1,4 +1,5 @@
-"""The `partlab` command: thin dispatch to the lab, the environment report and the benchmarks."""
+"""The `partlab` command: thin dispatch to the lab, the environment report, the benchmarks and
+the planner."""
 import argparse
 import sys
 
@@ -19,6 +20,8 @@ def main(argv=None):
     from partlab import lab as lab_module
     lab_module.add_arguments(lab)
     sub.add_parser("env", help="GPUs, versions, imports, extension: what the lab would run on")
+    sub.add_parser("plan", help="which layout for a model on a cluster: memory, step time and "
+                                "TFLOP/s predicted (`partlab plan --help`)", add_help=False)
     # No -h of its own: `partlab bench step --help` reaches the benchmark's own parser.
     bench = sub.add_parser("bench", help="sweeps that write JSON and plots: step, bubble, comm, "
                                          "memory, overhead, all; op: the fused op (`partlab "
@@ -35,6 +38,9 @@ def main(argv=None):
     try:
         if args.command == "lab":
             return lab_module.main(args, rest)
+        if args.command == "plan":
+            from partlab import plan
+            return plan.main(rest)
         if rest and args.command == "env":
             p.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "env":

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from partlab import checkpoint, nvidia
-from partlab import model as models
 from partlab.config import UsageError, parse, require
+from partlab.theory.memory import bytes_needed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +125,7 @@ def available_bytes(device, launch):
 
 def check_memory(settings, device, launch):
     """Refuse, in one line, sizes that cannot fit, before anything is allocated."""
-    need, have = models.bytes_needed(settings), available_bytes(device, launch)
+    need, have = bytes_needed(settings), available_bytes(device, launch)
     n = launch.local_world_size
     where = f"GPU {device.index}" if device.type == "cuda" else \
         "this node" if n == 1 else f"each of this node's {n} processes"

@@ -119,51 +119,6 @@ def parameter_count(settings):
     return v * h + settings.seq_len * h + settings.layers * block + 2 * h + h * v
 
 
-def attention_flops(settings):
-    """One step's FLOPs of the attention's own matmuls (q k^T and the weights times v): 2 x 2 b
-    s^2 h a block forward (causal masking computes them whole), twice that backward."""
-    b, s, h = settings.batch_size, settings.seq_len, settings.hidden_dim
-    return 3 * settings.layers * 4 * b * s * s * h
-
-
-def flops(settings):
-    """One training step's model FLOPs: every matmul's 2 x m x n x k forward, and twice that
-    backward (the input's and the weight's gradient; every input needs one here, since the
-    embeddings train): per token 24 h^2 a block and 2 h vocab for the head, plus attention."""
-    tokens, h = settings.batch_size * settings.seq_len, settings.hidden_dim
-    per_token = settings.layers * 24 * h * h + 2 * h * settings.vocab_size
-    return 3 * tokens * per_token + attention_flops(settings)
-
-
-def activation_bytes(settings, tp=1, vocab_rows=None):
-    """Bytes one rank saves for backward in a step: what autograd keeps, counted per token as
-    the CPU kernels save it (partlab/counters.py's ActivationMeter measures the same; on CUDA,
-    LayerNorm's statistics are fp32 and fused attention may pad its logsumexp: not counted).
-
-    Per block, with t tensor-parallel ranks and h the width, a the heads, in the run's dtype:
-      norms         ln1's and ln2's inputs and their mean and 1/std: 2h + 4   (/t under SP)
-      column inputs qkv's and fc's (the norms' outputs, whole on every rank): 2h
-      TP-sharded    q, k and v (3h), attention's output (h, also proj's input), fc's output
-                    before GELU and after (4h + 4h): 12h / t
-    and the attention's logsumexp, a / t in fp32; then the final norm (h + 2, /t under SP), the
-    head's input (h) and the log-softmax of this rank's vocab_rows logits (fp32), the int64
-    tokens, targets and positions, and cross-entropy's fp32 total weight. Korthikanti et al.
-    2022 count 34 s b h + 5 a s^2 b bytes a layer (fp16, with dropout and its masks, the s x s
-    attention scores stored); here fused attention keeps the logsumexp instead of the scores,
-    and there is no dropout. Their sequence parallelism also divides the column inputs by t (the
-    all_gather is redone in backward); partlab keeps them whole, so SP saves (2h + 4)(1 - 1/t)
-    a block's token. Manual TP saves two bool ownership masks (the embedding's and the loss's),
-    a byte a token each, and its own loss no total weight.
-    """
-    b, s, h = settings.batch_size, settings.seq_len, settings.hidden_dim
-    tokens, size = b * s, 2 if settings.dtype == "bf16" else 4
-    split = tp if settings.sequence_parallel else 1
-    rows = settings.vocab_size if vocab_rows is None else vocab_rows
-    block = size * ((2 * h + 4) / split + 2 * h + 12 * h / tp) + 4 * settings.heads / tp
-    per_token = settings.layers * block + size * ((h + 2) / split + h) + 4 * rows + 2 * 8
-    return round(tokens * per_token) + 8 * s + 4
-
-
 def describe(s):
     return (f"GPT {s['layers']} blocks, hidden {s['hidden_dim']}, {s['heads']} heads, "
             f"vocabulary {s['vocab_size']}, sequence {s['seq_len']}")

@@ -134,7 +134,8 @@ def timeline(src, gpus, out_dir, device="cuda"):
     expected = "cuda events" if device == "cuda" else "host"
     return {"status": "ok" if bubble["clock"] == expected else "FAILED", "seconds": secs,
             "processes": nproc, "clock": bubble["clock"], "measured": round(bubble["measured"], 3),
-            "theory": round(bubble["theory"], 3), "files": bubble["files"]}
+            "ideal": round(bubble["ideal"], 3), "theory": round(bubble["theory"], 3),
+            "files": bubble["files"]}
 
 
 def all_reduce_worker():

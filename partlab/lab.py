@@ -120,15 +120,14 @@ def run_strategy(entry, nproc, flags, json_path):
 
 def table(records):
     head = ("strategy", "final loss", "max|dloss|", "max|dparam|", "step ms", "ref ms",
-            "speedup", "samples/s", "MFU", "activations MiB/rank (analytic)", "bubble (theory)",
-            "comm/step (rank 0)")
+            "speedup", "samples/s", "MFU", "activations MiB/rank (analytic)",
+            "bubble (ideal, equal stages)", "comm/step (rank 0)")
     rows = [head]
     for name, r in records:
         comm = ", ".join(f"{op} x{n}" for op, n in sorted(r["comm_per_step"][0].items()))
         bubble = r.get("bubble")
         if bubble:
-            theory = "-" if bubble["theory"] is None else f"{bubble['theory']:.0%}"
-            bubble = f"{bubble['measured']:.0%} ({theory})"
+            bubble = f"{bubble['measured']:.0%} ({bubble['ideal']:.0%}, {bubble['theory']:.0%})"
         rows.append((name, f"{r['losses'][-1]:.6f}", f"{r['max_abs_dloss']:.1e}",
                      f"{r['max_abs_dparam']:.1e}", f"{r['step_time_s'] * 1e3:.2f}",
                      f"{r['reference_step_time_s'] * 1e3:.2f}",

@@ -115,34 +115,6 @@ def parameter_count(settings):
     return sum(dims[i] * dims[i + 1] + dims[i + 1] for i in range(settings.layers))
 
 
-def flops_per_step(settings):
-    """One training step's model FLOPs (matmuls: 2 m n k forward, twice that backward); the MLP's
-    first layer needs no input gradient (its input is data), so it costs 4 m n k."""
-    if settings.model == "gpt":
-        return gpt.flops(settings)
-    dims, b = mlp_dims(settings), settings.batch_size
-    return sum(6 * b * dims[i] * dims[i + 1] for i in range(settings.layers)) \
-        - 2 * b * dims[0] * dims[1]
-
-
-def bytes_needed(settings):
-    """A lower bound on what one process holds: the full model built from the seed in fp32
-    (every rank builds it before keeping its slice) and the reference's weights and gradients,
-    plus one step's activations of the reference. Used to refuse a size before allocating it."""
-    activations = gpt.activation_bytes(settings) if settings.model == "gpt" else \
-        4 * settings.batch_size * sum(mlp_dims(settings))
-    return 4 * 3 * parameter_count(settings) + 2 * activations
-
-
-def activation_bytes(settings, tp, params):
-    """The analytic count of what a tensor-parallel rank holding `params` (reference names, its
-    shards) saves for backward: partlab has one for the gpt (gpt.activation_bytes), None for the
-    MLP."""
-    if settings.model != "gpt":
-        return None
-    return gpt.activation_bytes(settings, tp, vocab_rows=params["head.weight"].shape[0])
-
-
 def describe(settings):
     """The model in a few words, for a run's summary (settings: a record's settings dict)."""
     s = settings

@@ -11,7 +11,7 @@ import dataclasses
 import sys
 
 from partlab.config import INTERLEAVED, require
-from partlab.timeline import theory
+from partlab.theory.pipeline import closed_form, closed_form_text
 
 
 def layer_index(name):
@@ -221,5 +221,6 @@ def warn_about_bubble(settings, ranks, local_rank):
     p, m, v = ranks, settings.microbatches, settings.virtual_stages
     if m < p and local_rank == 0:
         print(f"partlab: warning: --microbatches {m} < {p} stages: each stage idles for "
-              f"{theory(p, m, v):.0%} of a step (the bubble, (p-1)/(v*m+p-1)); "
+              f"{closed_form(settings.schedule, p, m, v):.0%} of a step (the bubble, "
+              f"{closed_form_text(settings.schedule)}); "
               f"use --microbatches {p} or more", file=sys.stderr, flush=True)

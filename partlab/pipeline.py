@@ -28,6 +28,7 @@ from partlab.config import add_pipeline_flags, make_parser, require
 from partlab.harness import Strategy
 from partlab.partition import check_pipeline, pipeline_defaults, warn_about_bubble
 from partlab.stages import build_pipeline
+from partlab.theory.memory import pipeline_activation_bytes
 from partlab.timeline import Timeline
 
 
@@ -49,7 +50,8 @@ def build(settings, group):
     return Strategy(f"pipeline_{settings.schedule}", step, params, lambda name, full: full,
                     loss_rank=p - 1,                    # the last stage
                     timeline=Timeline(stages, group.device), layout=layout,
-                    train_state=TrainState(opt, params))
+                    train_state=TrainState(opt, params),
+                    activation_bytes=pipeline_activation_bytes(settings, group.rank, p))
 
 
 def parser():

@@ -51,17 +51,22 @@ def step(rows, path, caption):
 
 
 def bubble(rows, path, caption):
-    """Measured per schedule; theory once per (p, v), as gpipe and 1f1b share theirs."""
+    """Measured (solid) and this model's ideal (dashed, same colour) per schedule; the equal-stage
+    closed form once per (p, v, zero-bubble or not), in black, as gpipe and 1f1b share theirs."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for (schedule, p), group in series(rows, "schedule", "nproc"):
-        ax.plot([r["microbatches"] for r in group], [r["measured"] for r in group], "o-",
-                label=f"{schedule}, p={p}: measured")
-    theories = [r for r in rows if r["theory"] is not None]
-    for ((p, v), group), style in zip(series(theories, "nproc", "virtual_stages"),
-                                      itertools.cycle(("k--", "k:", "k-."))):
+        m = [r["microbatches"] for r in group]
+        line, = ax.plot(m, [r["measured"] for r in group], "o-",
+                        label=f"{schedule}, p={p}: measured")
+        ax.plot(m, [r["ideal"] for r in group], "--", color=line.get_color(), linewidth=1,
+                label=f"{schedule}, p={p}: ideal for this model")
+    for ((p, v, zb), group), style in zip(
+            series([{**r, "zb": r["schedule"] == "zero-bubble"} for r in rows],
+                   "nproc", "virtual_stages", "zb"), itertools.cycle(("k:", "k-.", "k--"))):
         points = sorted({(r["microbatches"], r["theory"]) for r in group})
-        label = f"theory, p={p}: (p-1)/({v if v > 1 else ''}m+p-1)"
+        coefficient = (3 if zb else 1) * v
+        label = f"equal stages, p={p}: (p-1)/({coefficient if coefficient > 1 else ''}m+p-1)"
         ax.plot(*zip(*points, strict=True), style, label=label)
     log2_axis(ax, [r["microbatches"] for r in rows], "microbatches m")
     ax.set_ylabel("bubble (idle share of a step)")

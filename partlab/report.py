@@ -16,6 +16,7 @@ from partlab import model as models
 from partlab import timeline as pipeline_timeline
 from partlab.config import default_lr, require
 from partlab.harness import matmul_tflops, peak_memory_mib, run_steps, timed_steps
+from partlab.theory.compute import flops_per_step
 
 # Tolerances against the reference (max abs difference after all steps).
 # fp32: sharding reorders sums (TP splits each dot product into world-size partial sums joined
@@ -42,19 +43,6 @@ def tolerance(settings):
     if settings.optimizer == "adamw":
         tol["param"] = max(tol["param"], settings.lr * settings.steps)
     return tol
-
-
-@dataclasses.dataclass
-class Bubble:
-    """A pipeline's idle share of a step, measured from its timeline, beside the theory."""
-
-    measured: float                # median over the timed steps
-    theory: float | None           # (p-1)/(v*m+p-1); None for zero-bubble
-    steps: list[int]               # the timed steps (1-based)
-    per_step: list[float]
-    per_rank: list[float]
-    files: list[str] | None        # --timeline PNG and Chrome trace
-    clock: str = "host"            # what timed the calls: "host", or "cuda events" on a GPU
 
 
 @dataclasses.dataclass
@@ -100,7 +88,7 @@ class Record:
     pipeline_ranks: int | None = None
     stage_layers: list[list[int]] | None = None
     tp: int | None = None
-    bubble: Bubble | None = None
+    bubble: pipeline_timeline.Bubble | None = None
     # Where the workers' process group met (MASTER_ADDR:MASTER_PORT, as torchrun set them).
     store: str | None = None
     first_step: int = 1            # the step losses[0] is (above 1 when resumed)
@@ -183,7 +171,7 @@ def finish(strategy, settings, group, trace, start=0, checkpoints=None):
     dloss = max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))
     tol = tolerance(settings)
     layout = strategy.layout
-    flops = models.flops_per_step(settings)
+    flops = flops_per_step(settings)
     tflops = flops / step_s / 1e12
     record = Record(
         strategy=strategy.name, world_size=group.world_size, backend=group.backend,
@@ -203,9 +191,11 @@ def finish(strategy, settings, group, trace, start=0, checkpoints=None):
         store=f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         if "MASTER_ADDR" in os.environ else None, first_step=start + 1, checkpoints=checkpoints)
     if strategy.timeline:
-        record.bubble = measure_bubble(
-            [(rank, *e) for rank, r in enumerate(per_rank) for e in r[5]], settings, record)
-        record.bubble.clock = strategy.timeline.clock.name
+        events = [(rank, *e) for rank, r in enumerate(per_rank) for e in r[5]]
+        record.bubble = pipeline_timeline.measure(
+            events, settings, layout.ranks, group.world_size,
+            timed_steps(sorted({e[1] for e in events})), strategy.timeline.clock.name,
+            record.strategy)
     print_summary(record)
     if settings.json:
         write_json(record.to_json(), settings.json)
@@ -234,29 +224,6 @@ def failure_reason(record, settings):
                 f"{worst:.3g}), so float rounding no longer bounds the difference: lower --lr "
                 f"(now {settings.lr:g}; default {default:g})")
     return f"{record.strategy} deviates from the reference beyond tolerance"
-
-
-def measure_bubble(events, settings, record):
-    """The bubble measured on the timed steps next to the theory; --timeline files of the last."""
-    p, ranks = record.pipeline_ranks, record.world_size
-    by_step = pipeline_timeline.bubble(events, ranks)
-    steps = timed_steps(sorted(by_step))
-    theory = None if settings.schedule == "zero-bubble" else \
-        pipeline_timeline.theory(p, settings.microbatches, settings.virtual_stages)
-    result = Bubble(measured=statistics.median(by_step[s][0] for s in steps), theory=theory,
-                    steps=[s + 1 for s in steps], per_step=[by_step[s][0] for s in sorted(by_step)],
-                    per_rank=[statistics.median(by_step[s][1][r] for s in steps)
-                              for r in range(ranks)], files=None)
-    if settings.timeline:
-        os.makedirs(os.path.dirname(settings.timeline) or ".", exist_ok=True)
-        png, trace = settings.timeline + ".png", settings.timeline + ".json"
-        pipeline_timeline.chrome_trace(events, trace)
-        title = (f"{record.strategy}: p={p}, m={settings.microbatches}, "
-                 f"v={settings.virtual_stages}, step {steps[-1] + 1}; bubble "
-                 f"{by_step[steps[-1]][0]:.1%}" + (f" (theory {theory:.1%})" if theory else ""))
-        pipeline_timeline.gantt(events, steps[-1], ranks, png, title)
-        result.files = [png, trace]
-    return result
 
 
 def comm_summary(total, backward, size):
@@ -301,11 +268,4 @@ def print_summary(r):
               + (f"; resumed from step {r.first_step - 1}, loaded in {c.load_s * 1e3:,.0f} ms"
                  if c.load_s is not None else ""))
     if r.bubble:
-        b = r.bubble
-        formula = "(p-1)/(m+p-1)" if s["virtual_stages"] == 1 else "(p-1)/(v*m+p-1)"
-        theory = f"theory {formula} = {b.theory:.1%}" if b.theory is not None else \
-            "no closed-form theory for this schedule"
-        print(f"bubble (idle share of a step, from the timeline ({b.clock} clock), median of "
-              f"steps {b.steps[0]}-{b.steps[-1]}): {b.measured:.1%}; {theory}")
-        if b.files:
-            print("timeline: " + ", ".join(b.files))
+        print(pipeline_timeline.summary(r.bubble, s, r.pipeline_ranks))

@@ -25,6 +25,7 @@ from partlab.checkpoint import TrainState
 from partlab.config import make_parser, require
 from partlab.harness import Strategy
 from partlab.partition import check_tensor_parallel, default_layers
+from partlab.theory.memory import tp_activation_bytes
 from partlab.tp_gpt import TensorParallelGPT
 from partlab.tp_layers import ColumnRowParallelMLP
 
@@ -58,7 +59,7 @@ def build(settings, group):
     name = "tensor_parallel_manual" + ("" if settings.fused else " (unfused)")
     params = dict(model.named_parameters())
     return Strategy(name, step, params, model.reference_slice,
-                    activation_bytes=models.activation_bytes(settings, group.world_size, params),
+                    activation_bytes=tp_activation_bytes(settings, group.world_size, params),
                     train_state=TrainState(opt, params, dist.group.WORLD))
 
 

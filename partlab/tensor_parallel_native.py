@@ -19,6 +19,7 @@ from partlab.checkpoint import TrainState
 from partlab.config import make_parser
 from partlab.harness import Strategy
 from partlab.partition import check_tensor_parallel, default_layers, dtensor_plan, dtensor_shards
+from partlab.theory.memory import tp_activation_bytes
 
 try:
     from torch.distributed.device_mesh import init_device_mesh
@@ -43,7 +44,7 @@ def build(settings, group):
     dtensors = dict(model.named_parameters())
     params, reference_slice = dtensor_shards(dtensors, mesh)
     return Strategy("tensor_parallel_native", step, params, reference_slice,
-                    activation_bytes=models.activation_bytes(settings, group.world_size, params),
+                    activation_bytes=tp_activation_bytes(settings, group.world_size, params),
                     train_state=TrainState(opt, dtensors))
 
 

@@ -10,21 +10,44 @@ and after it time the kernels instead, read once the step has synchronized (`rea
 
 Bubble of a step = per rank, the share of the step's span (first bar on any rank to last bar on
 any rank) in which the rank computes nothing; averaged over ranks. (The last stage's loss is
-computed between its calls, so it counts as idle: microseconds per microbatch.) With equal
-stages and free communication the theory is (p-1)/(m+p-1) for p ranks and m microbatches, or
-(p-1)/(v*m+p-1) with v model chunks per rank (interleaved 1F1B, Narayanan et al. 2021, 2.2).
+computed between its calls, so it counts as idle: microseconds per microbatch.) What it is in
+theory, for equal stages or this model's own, is partlab/theory/pipeline.py's.
 """
+import dataclasses
 import json
+import os
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
 
+from partlab.theory import pipeline as theory
+
 # Bar kinds: forward, full backward, and zero-bubble's split backward (input / weight gradient).
 KINDS = {"F": "forward", "B": "backward", "I": "backward (input grad)",
          "W": "backward (weight grad)"}
 COLORS = {"F": "#4C72B0", "B": "#55A868", "I": "#8FBC8F", "W": "#C44E52"}
+
+
+@dataclasses.dataclass
+class Bubble:
+    """A pipeline's idle share of a step, measured from its timeline, beside the theory
+    (partlab/theory/pipeline.py): the closed form for equal stages, and this model's ideal, the
+    schedule's order run with the run's own compute times and messages that take no time. What
+    the measured bubble has beyond the ideal is time between calls: messages and Python."""
+
+    measured: float                # median over the timed steps
+    theory: float                  # the closed form for equal stages and free messages
+    ideal: float                   # the order simulated with this run's median call times
+    order_as_theory: bool          # every rank ran its calls in theory.pipeline.order's order
+    span_s: float                  # a step's span, first call to last (median), measured
+    ideal_span_s: float            # the same, simulated
+    steps: list[int]               # the timed steps (1-based)
+    per_step: list[float]
+    per_rank: list[float]
+    files: list[str] | None        # --timeline PNG and Chrome trace
+    clock: str = "host"            # what timed the calls: "host", or "cuda events" on a GPU
 
 
 class HostClock:
@@ -108,21 +131,69 @@ class Timeline:
         self.pending = []
 
 
-def theory(p, m, v=1):
-    """The ideal bubble share: (p-1)/(v*m+p-1)."""
-    return (p - 1) / (v * m + p - 1)
-
-
 def bubble(events, ranks):
     """{step: (mean over ranks, [idle share per rank])} from events [(rank, step, kind, mb,
     stage, start, end)]."""
-    result = {}
-    for step in sorted({e[1] for e in events}):
-        mine = [e for e in events if e[1] == step]
-        span = max(e[6] for e in mine) - min(e[5] for e in mine)
-        idle = [1 - sum(e[6] - e[5] for e in mine if e[0] == r) / span for r in range(ranks)]
-        result[step] = (statistics.mean(idle), idle)
+    return {step: theory.idle_shares({r: [e[5:] for e in events if e[1] == step and e[0] == r]
+                               for r in range(ranks)})
+            for step in sorted({e[1] for e in events})}
+
+
+def span(events, step):
+    """Seconds from the step's first call on any rank to its last."""
+    mine = [e for e in events if e[1] == step]
+    return max(e[6] for e in mine) - min(e[5] for e in mine)
+
+
+def measure(events, settings, p, ranks, steps, clock, name):
+    """The Bubble of the timed `steps` of a run of p pipeline ranks (`ranks` processes: p x the
+    tensor-parallel ones) from all ranks' events, next to the theory and this model's ideal;
+    --timeline files of the last step."""
+    m, v = settings.microbatches, settings.virtual_stages
+    by_step = bubble(events, ranks)
+    timed = [e for e in events if e[1] in steps]
+    cost = {key: statistics.median(e[6] - e[5] for e in timed if (e[2], e[4]) == key)
+            for key in {(e[2], e[4]) for e in timed}}
+    order = theory.order(settings.schedule, p, m, v)
+    ideal = theory.simulate(order, lambda kind, stage: cost[kind, stage])
+    ran = {r: [(e[2], e[4], e[3]) for e in sorted(events, key=lambda e: e[5])
+               if e[1] == steps[0] and e[0] == r] for r in range(ranks)}
+    result = Bubble(measured=statistics.median(by_step[s][0] for s in steps),
+                    theory=theory.closed_form(settings.schedule, p, m, v),
+                    ideal=theory.bubble(ideal),
+                    order_as_theory=all(ran[r] == order[r // (ranks // p)] for r in range(ranks)),
+                    span_s=statistics.median(span(events, s) for s in steps),
+                    ideal_span_s=theory.span(ideal),
+                    steps=[s + 1 for s in steps], per_step=[by_step[s][0] for s in sorted(by_step)],
+                    per_rank=[statistics.median(by_step[s][1][r] for s in steps)
+                              for r in range(ranks)], files=None, clock=clock)
+    if settings.timeline:
+        os.makedirs(os.path.dirname(settings.timeline) or ".", exist_ok=True)
+        png, trace = settings.timeline + ".png", settings.timeline + ".json"
+        chrome_trace(events, trace)
+        title = (f"{name}: p={p}, m={m}, v={v}, step {steps[-1] + 1}; bubble "
+                 f"{by_step[steps[-1]][0]:.1%} (this model's ideal {result.ideal:.1%}, equal "
+                 f"stages {result.theory:.1%})")
+        gantt(events, steps[-1], ranks, png, title)
+        result.files = [png, trace]
     return result
+
+
+def summary(b, s, p):
+    """A run's bubble lines: measured, ideal and closed form; the gap; the --timeline files."""
+    calls = len(theory.order(s["schedule"], p, s["microbatches"], s["virtual_stages"])[0])
+    lines = [f"bubble (idle share of a step, from the timeline ({b.clock} clock), median of "
+             f"steps {b.steps[0]}-{b.steps[-1]}): {b.measured:.1%}; this model's ideal "
+             f"{b.ideal:.1%} (the schedule's order at this run's call times, free messages); "
+             f"equal stages {theory.closed_form_text(s['schedule'])} = {b.theory:.1%}",
+             f"  the gap: a step spans {b.span_s * 1e3:,.2f} ms against the ideal's "
+             f"{b.ideal_span_s * 1e3:,.2f} ms, {(b.span_s - b.ideal_span_s) / calls * 1e6:,.0f} "
+             f"us more per call of a rank ({calls} calls): messages and Python between calls"
+             + ("" if b.order_as_theory else "; warning: the ranks did not run the theory's "
+                "order (partlab/theory/pipeline.py), so the ideal is not this schedule's")]
+    if b.files:
+        lines.append("timeline: " + ", ".join(b.files))
+    return "\n".join(lines)
 
 
 def chrome_trace(events, path):

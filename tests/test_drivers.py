@@ -16,10 +16,10 @@ import pytest
 from launch import SMALL, torchrun
 from reference import plain_reference
 
-from partlab import model as models
 from partlab import strategies
 from partlab.config import GPT_DEFAULTS, Settings
 from partlab.report import TOLERANCE
+from partlab.theory.compute import flops_per_step
 
 FAST = pytest.mark.fast   # the fast lane: one run per strategy (the 2-process ones from the lab)
 SMALL_SETTINGS = Settings(batch_size=32, input_dim=64, hidden_dim=128, num_classes=10, steps=3,
@@ -30,7 +30,7 @@ PLAIN = {}  # layers -> losses of the plain PyTorch loop
 def assert_flops(record):
     """The record's model FLOPs are the formula's for its settings, and its rate and MFU
     follow from them, the step time and the matmul peak measured in the run."""
-    flops = models.flops_per_step(Settings(**record["settings"]))
+    flops = flops_per_step(Settings(**record["settings"]))
     assert record["model_flops_per_step"] == flops
     assert record["tflops"] == pytest.approx(flops / record["step_time_s"] / 1e12)
     assert record["matmul_peak_tflops"] > 0 and 0 < record["mfu"] < 1, record
@@ -172,12 +172,27 @@ def test_pipeline_matches_reference(schedule, nproc, layers, lab_records, launch
     # Point to point only.
     for total, sends in zip(record["comm_per_step"], expected_p2p(nproc, v, m), strict=True):
         assert total == {"send": sends, "recv": sends}, (total, sends)
-    bubble = record["bubble"]
-    assert bubble["theory"] == (None if schedule == "zero-bubble" else
-                                pytest.approx((nproc - 1) / (v * m + nproc - 1)))
-    assert len(bubble["per_rank"]) == nproc and bubble["measured"] < 1
-    if v == 1:  # messages and Python between compute calls only add to the ideal bubble
-        assert bubble["measured"] >= 0.9 * bubble["theory"], bubble
+    assert_bubble_and_activations(record)
+
+
+def assert_bubble_and_activations(record):
+    """A pipeline run's theory (partlab/theory/pipeline.py): its ranks ran the theory's order
+    of calls; the measured bubble is at least this model's ideal (the same order and call
+    times, with messages free: time between calls only adds to it; 0.9 for call times that vary
+    from the median the ideal takes); the activations each rank kept are the analytic count
+    of its stages' microbatches alive at once, to the byte."""
+    bubble, s = record["bubble"], record["settings"]
+    assert bubble["order_as_theory"], bubble
+    p, m, v = record["pipeline_ranks"], s["microbatches"], s["virtual_stages"]
+    assert bubble["theory"] == pytest.approx(
+        (p - 1) / ((3 if s["schedule"] == "zero-bubble" else 1) * v * m + p - 1))
+    assert len(bubble["per_rank"]) == record["world_size"], bubble
+    assert 0.9 * bubble["ideal"] <= bubble["measured"] < 1, bubble
+    assert bubble["ideal_span_s"] <= 1.1 * bubble["span_s"], bubble
+    counted = s["schedule"] != "zero-bubble" or (s["model"], s["activation"]) == ("mlp", "relu")
+    if record["tp"] is None and counted:
+        assert [round(a * 2**20) for a in record["analytic_activation_mib"]] == \
+            [round(a * 2**20) for a in record["peak_activation_mib"]], record
 
 
 def test_pipeline_timeline_files(launched):
@@ -215,6 +230,7 @@ def test_pipeline_of_tensor_parallel_stages_matches_reference(key, schedule, lau
         reduces = m * sum(1 + (pair > 0) for pair in pairs)
         assert total == {"all_reduce": reduces, "send": sends[pipeline_rank],
                          "recv": sends[pipeline_rank]}, (rank, total)
+    assert_bubble_and_activations(record)
 
 
 @pytest.mark.parametrize("name", [n for n in RUNS[2] if n.startswith("bf16")])
@@ -222,6 +238,8 @@ def test_bf16_matches_reference_within_bf16_tolerance(name, launched):
     record = launched(2, name)
     assert record["ok"] and record["dtype"] == "bf16"
     assert record["max_abs_dloss"] <= TOLERANCE["bf16"]["loss"]
+    if record["bubble"]:
+        assert_bubble_and_activations(record)
 
 
 HANDOUT = ["--batch-size", "64", "--input-dim", "1024", "--hidden-dim", "2048",
@@ -264,8 +282,10 @@ def test_gpt_matches_reference_and_learns(name, nproc, launched):
     losses = record["losses"]
     chance = math.log(record["settings"]["vocab_size"])   # the loss of a uniform guess
     assert 0.9 * chance < losses[0] < 1.2 * chance and losses[-1] < 0.9 * losses[0], losses
+    if record["bubble"]:
+        assert_bubble_and_activations(record)
     if name.startswith(("gpt tp-native", "gpt tp-manual")):
-        # What each rank saves for backward, measured, against gpt.activation_bytes: to the
+        # What each rank saves for backward, measured, against theory.memory's count: to the
         # byte, but that manual TP saves two bool ownership masks (a byte a token each) and no
         # cross-entropy total weight (4 bytes).
         tokens = record["settings"]["batch_size"] * record["settings"]["seq_len"]

@@ -18,7 +18,7 @@ from launch import ROOT, SMALL, TORCHRUN, run, torchrun
 
 from partlab.config import Settings, UsageError, parse
 from partlab.distributed import Launch, free_port
-from partlab.model import bytes_needed
+from partlab.theory.memory import bytes_needed
 
 
 def assert_one_error_line(output, message):

@@ -8,42 +8,30 @@ from torch import nn
 
 from partlab import timeline
 from partlab.counters import ActivationMeter
+from partlab.theory import pipeline
 
 
 def simulated_gpipe(p, m, forward, backward):
-    """Events of an ideal GPipe step: each op starts when its rank is free and its input has
-    arrived (messages take no time)."""
-    events, free, done = [], [0.0] * p, {}
-    for mb in range(m):
-        for r in range(p):
-            start = max(free[r], done.get(("F", r - 1, mb), 0.0))
-            free[r] = done["F", r, mb] = start + forward
-            events.append((r, 0, "F", mb, r, start, start + forward))
-    for mb in range(m):
-        for r in reversed(range(p)):
-            start = max(free[r], done.get(("B", r + 1, mb), 0.0))
-            free[r] = done["B", r, mb] = start + backward
-            events.append((r, 0, "B", mb, r, start, start + backward))
-    return events
+    """Events, as a Timeline records them, of an ideal GPipe step (theory.pipeline.simulate)."""
+    calls = pipeline.simulate(pipeline.order("gpipe", p, m),
+                              lambda kind, stage: forward if kind == "F" else backward)
+    return [(r, 0, kind, mb, stage, start, end)
+            for r, mine in calls.items() for kind, stage, mb, start, end in mine]
 
 
 @pytest.mark.parametrize("p,m", [(2, 1), (2, 8), (4, 4), (3, 16)])
-def test_bubble_of_an_ideal_gpipe_step_is_the_theory(p, m):
+def test_bubble_of_an_ideal_gpipe_step_is_the_closed_form(p, m):
     events = simulated_gpipe(p, m, forward=1.0, backward=2.0)
     mean, per_rank = timeline.bubble(events, p)[0]
-    assert mean == pytest.approx(timeline.theory(p, m))
+    assert mean == pytest.approx(pipeline.closed_form("gpipe", p, m))
     assert per_rank == pytest.approx([(p - 1) / (m + p - 1)] * p)
+    assert timeline.span(events, 0) == pytest.approx(3 * (m + p - 1))
 
 
 def test_bubble_counts_a_stalled_rank():
     # Rank 1 waits 3 units before its only op: idle 3 of a 4-unit span.
     events = [(0, 0, "F", 0, 0, 0.0, 4.0), (1, 0, "F", 0, 1, 3.0, 4.0)]
     assert timeline.bubble(events, 2)[0] == (pytest.approx(0.375), [0.0, 0.75])
-
-
-def test_theory_with_virtual_stages():
-    assert timeline.theory(2, 8) == pytest.approx(1 / 9)
-    assert timeline.theory(4, 8, v=2) == pytest.approx(3 / 19)
 
 
 def test_chrome_trace_has_one_event_per_compute_call(tmp_path):

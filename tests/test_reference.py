@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from partlab import gpt, harness, partition
 from partlab import model as mlp
 from partlab.config import GPT_DEFAULTS, Settings
+from partlab.theory import compute
 
 pytestmark = pytest.mark.fast
 SMALL = Settings(batch_size=16, input_dim=32, hidden_dim=48, num_classes=5, steps=4, layers=3)
@@ -137,11 +138,11 @@ def test_gpt_pipeline_stages_own_their_blocks_and_ends():
 def test_model_flops_are_the_matmuls_torch_counts(settings):
     # FlopCounterMode counts every matmul of a step, forward and backward. The attention's own
     # (q k^T and the weights times v) run inside CPU's fused attention kernel, which it may not
-    # count: then the count is the formula's less exactly gpt.attention_flops.
+    # count: then the count is the formula's less exactly compute.attention_flops.
     model = mlp.build_model(settings, torch.device("cpu"))
     x, y = mlp.make_batch(settings, 0, "cpu")
     with FlopCounterMode(display=False) as counter:
         mlp.loss_fn(model(x), y).backward()
-    attention = gpt.attention_flops(settings) if settings.model == "gpt" else 0
-    assert counter.get_total_flops() in (mlp.flops_per_step(settings),
-                                         mlp.flops_per_step(settings) - attention)
+    attention = compute.attention_flops(settings) if settings.model == "gpt" else 0
+    assert counter.get_total_flops() in (compute.flops_per_step(settings),
+                                         compute.flops_per_step(settings) - attention)

@@ -8,10 +8,11 @@ from partlab.model import DTYPES
 from partlab.partition import stage_ids, stage_layers
 
 LOSS_BYTES = 4   # the vocabulary-parallel loss reduces fp32 numbers whatever the run's dtype
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
 def dtype_bytes(s):
-    return DTYPES[s["dtype"]].itemsize
+    return DTYPE_BYTES[s["dtype"]]
 
 
 def boundary_elements(s):

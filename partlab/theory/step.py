@@ -1,0 +1,216 @@
+"""A layout's step, predicted: per-GPU memory (weights, gradients, optimizer state,
+activations) and step time (compute, the tensor-parallel all_reduces it waits for, the
+pipeline's bubble and messages, the data-parallel gradient all_reduce), from the model's sizes
+and a machine's rates. `partlab plan` ranks layouts with it; `partlab plan --validate` checks
+it against the lab's own runs on this machine.
+
+The model (each part built on the rest of partlab/theory):
+  compute      stage_flops / tp at `efficiency` x the peak (large matmuls; small ones are no
+               slower per FLOP here, so the microbatch size only matters through the bubble,
+               the messages and memory); or, where a micro-benchmark timed the stage calls
+               themselves (`partlab plan --validate`), those times
+  optimizer    one pass over the rank's state (read and written) at the memory's bandwidth
+  tensor       per microbatch and stage, its all_reduces (tp_messages), ring-timed: 2(t-1)
+  parallel     latencies and 2(t-1)/t of the payload at the link's bandwidth, exposed (nothing
+               overlaps them); within a node when t fits in one
+  pipeline     the schedule's order simulated (theory.pipeline) with those call costs, each
+               activation or gradient crossing ranks a message: latency + bytes / bandwidth,
+               across nodes when t x d fills a node (Megatron's rank order: tp, dp, pp)
+  data         one ring all_reduce of the rank's gradients after the last backward, exposed
+  parallel
+  memory       parameters / t (every tensor split, a slight under-count of the replicated
+               norms and biases) x state_bytes, and the schedule's activations alive
+               (memory.pipeline_activation_bytes); with full recomputation only each block's
+               input stays per microbatch (1/t under SP), plus one block's whole while it
+               recomputes
+"""
+import dataclasses
+import functools
+
+from partlab.partition import stage_ids, stage_layers
+from partlab.theory import comm, compute, memory, pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    name: str
+    gpus_per_node: int
+    memory_gib: float
+    peak_tflops: float          # per GPU, in the run's dtype
+    efficiency: float           # the share of the peak a large matmul reaches
+    intra_gbps: float           # GB/s one GPU sends to another in its node
+    inter_gbps: float           # GB/s one GPU sends to another node
+    intra_latency_us: float
+    inter_latency_us: float
+    memory_gbps: float          # the optimizer's update streams the state at this rate
+    usable: float = 0.9         # of memory_gib: the rest for the context, buffers, fragments
+    p2p_latency_us: float | None = None   # a pipeline message's, where not the link's
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    microbatches: int           # per step, per replica
+    schedule: str
+    virtual: int = 1            # chunks per pipeline rank
+    recompute: bool = False
+    sequence_parallel: bool = False
+
+    def describe(self):
+        v = f" v={self.virtual}" if self.virtual > 1 else ""
+        return (f"tp={self.tp} pp={self.pp} dp={self.dp} m={self.microbatches} "
+                f"{self.schedule}{v}" + " sp" * self.sequence_parallel
+                + " recompute" * self.recompute)
+
+
+def replica_settings(s, layout):
+    """The settings one data-parallel replica runs: its share of the batch, the layout's
+    schedule and microbatches."""
+    return dataclasses.replace(s, batch_size=s.batch_size // layout.dp,
+                               microbatches=layout.microbatches, schedule=layout.schedule,
+                               virtual_stages=layout.virtual,
+                               sequence_parallel=layout.sequence_parallel)
+
+
+def tp_messages(s, layers, batch):
+    """(forward, backward) payloads in bytes of the all_reduces a tensor-parallel stage of
+    `layers` issues for `batch` samples: comm.mlp_tp_comm's and comm.gpt_tp_comm's count, by
+    stage (the gpt without SP; SP sends the same bytes in twice the calls)."""
+    size = comm.DTYPE_BYTES[s.dtype]
+    if s.model == "gpt":
+        tokens = batch * s.seq_len * s.hidden_dim * size
+        last = layers[-1] == s.layers - 1
+        forward = [tokens] * (2 * len(layers) + (layers[0] == 0))
+        backward = [tokens] * (2 * len(layers) + last) \
+            + [batch * s.seq_len * comm.LOSS_BYTES] * 3 * last
+        return forward, backward
+    dims, pairs = comm.boundary_elements(dataclasses.asdict(s)), [i for i in layers if i % 2 == 0]
+    return ([batch * dims[i + 2] * size for i in pairs],
+            [batch * dims[i] * size for i in pairs if i > 0])
+
+
+def ring_seconds(payload, ranks, gbps, latency_us):
+    """One ring all_reduce of `payload` bytes over `ranks`: 2(t-1) steps."""
+    if ranks == 1:
+        return 0.0
+    return 2 * (ranks - 1) * latency_us * 1e-6 + \
+        comm.ring_wire_bytes("all_reduce", payload, ranks) / (gbps * 1e9)
+
+
+def link(machine, ranks_apart):
+    """(GB/s, latency in us) between two GPUs `ranks_apart` global ranks apart."""
+    if ranks_apart < machine.gpus_per_node:
+        return machine.intra_gbps, machine.intra_latency_us
+    return machine.inter_gbps, machine.inter_latency_us
+
+
+def parameters(s, layers, first, last):
+    """Parameters of a stage of `layers` (the gpt's first stage holds the embeddings, its last
+    the final norm and the head)."""
+    if s.model == "gpt":
+        h, v = s.hidden_dim, s.vocab_size
+        block = 12 * h * h + 13 * h
+        return len(layers) * block + first * (v * h + s.seq_len * h) + last * (2 * h + v * h)
+    dims = comm.boundary_elements(dataclasses.asdict(s))
+    return sum(dims[i] * dims[i + 1] + dims[i + 1] for i in layers)
+
+
+def memory_gib(s, layout, machine, state_bytes=16):
+    """Per-GPU memory of `layout` on its fullest pipeline rank, the first or the last (the
+    first holds the embeddings and, but in zero-bubble where every rank holds as many, the most
+    microbatches alive; the last the head and the logits): {"state", "activations", "total",
+    "fits", "params"} (GiB; params: the most parameters a rank holds). state_bytes per
+    parameter: 16 for mixed-precision Adam (bf16 weights and gradients, fp32 master weights and
+    two moments), 8 for fp32 SGD (weights and gradients)."""
+    t, p, v = layout.tp, layout.pp, layout.virtual
+    r, total = replica_settings(s, layout), p * v
+    params = [sum(parameters(s, stage_layers(s.layers, st, total), st == 0, st == total - 1)
+                  for st in stage_ids(rank, p, v)) / t for rank in range(p)]
+    activations = {rank: activation_bytes(r, rank, p, t, layout.recompute) for rank in {0, p - 1}}
+    held = {rank: params[rank] * state_bytes + (a or 0) for rank, a in activations.items()}
+    worst = max(held, key=held.get)
+    return {"state": params[worst] * state_bytes / 2**30,
+            "activations": None if activations[worst] is None else activations[worst] / 2**30,
+            "total": held[worst] / 2**30, "fits": held[worst] <= machine.usable
+            * machine.memory_gib * 2**30, "params": max(params)}
+
+
+def predict(s, layout, machine, state_bytes=16, compute_s=None):
+    """Memory (memory_gib) and step time of `layout` training Settings `s` (its batch_size the
+    global batch) on `machine`; compute_s(stage) -> (forward, backward) seconds of a
+    microbatch's call, measured, in place of the FLOPs at the machine's rate."""
+    t, p, d, v = layout.tp, layout.pp, layout.dp, layout.virtual
+    if s.batch_size % (d * layout.microbatches):
+        raise ValueError(f"{layout.describe()}: {d} replicas of {layout.microbatches} "
+                         f"microbatches do not divide the batch of {s.batch_size}")
+    memory = memory_gib(s, layout, machine, state_bytes)
+    r = replica_settings(s, layout)
+    batch, total = r.batch_size // layout.microbatches, p * v
+    rate = machine.peak_tflops * 1e12 * machine.efficiency
+    gbps, latency = link(machine, 1) if t <= machine.gpus_per_node else \
+        (machine.inter_gbps, machine.inter_latency_us)
+    cost = {}
+    for stage in range(total):
+        layers = stage_layers(s.layers, stage, total)
+        forward, backward = compute_s(stage) if compute_s else \
+            (x / t / rate for x in compute.stage_flops(s, layers, batch))
+        sent_forward, sent_backward = tp_messages(s, layers, batch)
+        f = forward + sum(ring_seconds(x, t, gbps, latency) for x in sent_forward)
+        b = backward + sum(ring_seconds(x, t, gbps, latency) for x in sent_backward)
+        b += f if layout.recompute else 0
+        cost.update({("F", stage): f, ("B", stage): b, ("I", stage): b / 2, ("W", stage): b / 2})
+    p2p_gbps, p2p_latency = link(machine, t * d)
+    boundary = comm.boundary_elements(dataclasses.asdict(s))
+    message = (machine.p2p_latency_us or p2p_latency) * 1e-6 + batch * max(boundary) \
+        * comm.DTYPE_BYTES[s.dtype] / (p2p_gbps * 1e9) if p > 1 else 0.0
+    m = layout.microbatches
+    span = pipeline.long_span(r.schedule, p, m, v, lambda kind, stage: cost[kind, stage],
+                              message)
+    busy = [m * sum(cost["F", st] + cost["B", st] for st in stage_ids(rank, p, v))
+            for rank in range(p)]
+    dp_gbps, dp_latency = link(machine, t) if t * d <= machine.gpus_per_node else \
+        (machine.inter_gbps, machine.inter_latency_us)
+    dp_s = ring_seconds(memory["params"] * comm.DTYPE_BYTES[s.dtype], d, dp_gbps, dp_latency)
+    optimizer_s = 2 * memory["params"] * state_bytes / (machine.memory_gbps * 1e9)
+    step_s = span + dp_s + optimizer_s
+    flops = compute.flops_per_step(s)
+    return {"layout": dataclasses.asdict(layout), "describe": layout.describe(),
+            "microbatch_size": batch, "memory_gib": memory, "fits": memory["fits"],
+            "time_s": {"step": step_s, "compute_and_tp": max(busy),
+                       "pipeline_idle": span - max(busy), "dp_all_reduce": dp_s,
+                       "optimizer": optimizer_s},
+            "bubble": 1 - sum(busy) / len(busy) / span,
+            "tflops_per_gpu": flops / step_s / (t * p * d) / 1e12,
+            "mfu": flops / step_s / (t * p * d) / (machine.peak_tflops * 1e12)}
+
+
+def activation_bytes(r, rank, p, t, recompute):
+    """A pipeline rank's activations under replica settings r: the MLP's by
+    memory.pipeline_activation_bytes (None under TP or recomputation, not counted), the gpt's
+    by gpt_pipeline_bytes."""
+    if r.model == "gpt":
+        return gpt_pipeline_bytes(r, rank, p, t, recompute)
+    return None if t > 1 or recompute else memory.pipeline_activation_bytes(r, rank, p)
+
+
+@functools.lru_cache(maxsize=65536)
+def gpt_pipeline_bytes(r, rank, p, t, recompute):
+    """The gpt's chunks alive in the schedule's order times what a chunk saves (memory.py's
+    count, to the byte; under zero-bubble a chunk's whole is taken as held until its weight
+    gradient, which torch's split does not quite do: pipeline_activation_bytes); with
+    recomputation each alive chunk's block inputs and one block whole."""
+    v, total = r.virtual_stages, p * r.virtual_stages
+    batch = r.batch_size // r.microbatches
+    ops = pipeline.order(r.schedule, p, r.microbatches, v)[rank]
+    if not recompute:
+        weight = {st: memory.stage_activation_bytes(r, st, total, t)
+                  for st in stage_ids(rank, p, v)}
+        return pipeline.alive(ops, lambda kind, st: pipeline.chunks(kind, st) * weight[st])
+    split = t if r.sequence_parallel else 1
+    block_input = batch * r.seq_len * r.hidden_dim * comm.DTYPE_BYTES[r.dtype] / split
+    inputs = {st: len(stage_layers(r.layers, st, total)) * block_input
+              for st in stage_ids(rank, p, v)}
+    whole = memory.gpt_activation_bytes(r, t, blocks=1, first=False, last=False, batch=batch)
+    return pipeline.alive(ops, lambda kind, st: pipeline.chunks(kind, st) * inputs[st]) + whole

@@ -1,0 +1,170 @@
+"""`partlab plan` and the step model under it (partlab/theory/step.py): memory and time
+arithmetic on configurations with known answers, the long-pipeline shortcut against the whole
+simulation, the search at cluster scale against Megatron-LM's published choices, and the
+validation's plumbing (its figures are docs/benchmarks.md's)."""
+import dataclasses
+import json
+import random
+
+import pytest
+
+from partlab import cli, plan
+from partlab.config import Settings
+from partlab.theory import comm, compute, pipeline, step
+
+pytestmark = pytest.mark.fast
+
+GPT3 = Settings(**{**plan.MODEL_DEFAULTS, **plan.MODELS["gpt3-175b"], "batch_size": 1536})
+ROUND = step.Machine("round", gpus_per_node=8, memory_gib=80, peak_tflops=100, efficiency=0.5,
+                     intra_gbps=100, inter_gbps=10, intra_latency_us=0, inter_latency_us=0,
+                     memory_gbps=float("inf"))
+
+
+def test_gpt3_has_175_billion_parameters_and_its_state_splits_by_tp_and_pp():
+    layout = step.Layout(tp=8, pp=8, dp=16, microbatches=96, schedule="1f1b")
+    total = sum(step.parameters(GPT3, range(i * 12, i * 12 + 12), i == 0, i == 7)
+                for i in range(8))
+    assert total == pytest.approx(175e9, rel=0.01)
+    # The first stage: 12 blocks of 12 h^2 + 13 h, and the embeddings, split 8 ways, at 16
+    # bytes a parameter (mixed-precision Adam).
+    h = 12288
+    first = (12 * (12 * h * h + 13 * h) + 51200 * h + 2048 * h) / 8
+    memory = step.memory_gib(GPT3, layout, ROUND)
+    assert memory["params"] == pytest.approx(first)
+    assert memory["state"] == pytest.approx(16 * first / 2**30)
+
+
+def test_activations_follow_the_schedule_and_recomputation():
+    layout = step.Layout(tp=8, pp=8, dp=16, microbatches=96, schedule="1f1b",
+                         sequence_parallel=True)
+
+    def first_rank(**change):
+        r = step.replica_settings(GPT3, dataclasses.replace(layout, **change))
+        return step.activation_bytes(r, 0, 8, 8, change.get("recompute", False))
+    # The first rank: 1F1B holds p = 8 microbatches of its 12 blocks, GPipe all 96.
+    assert first_rank(schedule="gpipe") == 12 * first_rank()
+    r = step.replica_settings(GPT3, layout)
+    one = step.memory.gpt_activation_bytes(r, 8, blocks=12, first=True, last=False, batch=1)
+    assert first_rank() == 8 * one
+    # Recomputing keeps each block's input (1/t under SP) per alive microbatch, plus one
+    # block whole while it recomputes.
+    assert first_rank(recompute=True) == pytest.approx(
+        8 * 12 * 2048 * h_bytes(r) / 8
+        + step.memory.gpt_activation_bytes(r, 8, blocks=1, first=False, last=False, batch=1))
+
+
+def h_bytes(s):
+    return s.hidden_dim * comm.DTYPE_BYTES[s.dtype]
+
+
+@pytest.mark.parametrize("s", [Settings(layers=4, batch_size=32),
+                               Settings(model="gpt", layers=3, hidden_dim=64, batch_size=4)])
+def test_tp_messages_by_stage_add_up_to_the_models_count(s):
+    forward, backward = step.tp_messages(s, range(s.layers), s.batch_size)
+    whole = comm.tp_comm(dataclasses.asdict(s), 2, "manual")["all_reduce"]
+    assert (len(forward) + len(backward), sum(forward) + sum(backward)) == \
+        (whole["count"], whole["bytes"])
+
+
+def test_step_time_by_hand():
+    # One process (no TP, PP or DP): the step is the FLOPs at 50 TFLOP/s.
+    s = Settings(layers=4, batch_size=64, hidden_dim=1024, input_dim=1024)
+    one = step.predict(s, step.Layout(1, 1, 1, 1, "gpipe"), ROUND, state_bytes=8)
+    assert one["time_s"]["step"] == pytest.approx(compute.flops_per_step(s) / 50e12)
+    # GPipe on 2 stages of 2 layers, 4 microbatches of 16 rows: a layer's forward is l =
+    # 2 x 16 x 1024^2 FLOPs, its backward 2 l, but the first layer's (no input gradient) l.
+    # Rank 0: F 2l, B 3l; rank 1: F 2l, B 4l. Rank 1's forwards end at 10l + d (d: a message,
+    # 16 x 1024 x 4 bytes at 100 GB/s), its backwards at 26l + d; rank 0's last backward
+    # waits for rank 1's (26l + 2d) and ends 3l later: a span of 29l + 2d.
+    s = dataclasses.replace(s, num_classes=1024)
+    two = step.predict(s, step.Layout(1, 2, 1, 4, "gpipe"), ROUND, state_bytes=8)
+    layer, message = 2 * 16 * 1024 * 1024 / 50e12, 16 * 1024 * 4 / 100e9
+    assert two["time_s"]["compute_and_tp"] == pytest.approx(4 * 6 * layer)
+    assert two["time_s"]["step"] == pytest.approx(29 * layer + 2 * message)
+    # Data parallelism adds one ring all_reduce of the gradients: 2(d-1)/d of them, over IB.
+    dp = step.predict(dataclasses.replace(s, batch_size=128), step.Layout(1, 2, 16, 4, "gpipe"),
+                      ROUND, state_bytes=8)
+    grads = step.memory_gib(s, step.Layout(1, 2, 16, 4, "gpipe"), ROUND)["params"] * 4
+    assert dp["time_s"]["dp_all_reduce"] == pytest.approx(2 * 15 / 16 * grads / 10e9)
+
+
+def spans(schedule, p, m, v, cost, message):
+    """(the whole simulation's span, long_span's) for per-call costs {(kind, stage): s}."""
+    def of(kind, stage):
+        return cost[kind, stage]
+    whole = pipeline.span(pipeline.simulate(pipeline.order(schedule, p, m, v), of, message))
+    return whole, pipeline.long_span(schedule, p, m, v, of, message)
+
+
+def test_long_pipelines_take_the_steady_state_shortcut():
+    rng = random.Random(0)
+    for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2),
+                        ("zero-bubble", 2)):
+        for p in (2, 4, 8):
+            # The planner's stages: equal, but the last (the head) heavier: exact.
+            f, extra, message = rng.uniform(0.5, 2), rng.choice((0, 0.5, 3)), \
+                rng.choice((0, 0.1, 1))
+            cost = {(k, st): (2 if k == "B" else 1) * (f + extra * (st == p * v - 1))
+                    for k in pipeline.KINDS for st in range(p * v)}
+            for m in (5 * p, 12 * p):
+                whole, short = spans(schedule, p, m, v, cost, message)
+                assert short == pytest.approx(whole, rel=1e-9), (schedule, p, m)
+            # Any stage costs, messages dearer than the calls: within 1 %.
+            cost = {(k, st): rng.uniform(0.5, 3) for k in pipeline.KINDS for st in range(p * v)}
+            whole, short = spans(schedule, p, 8 * p, v, cost, 5.0)
+            assert short == pytest.approx(whole, rel=0.01), (schedule, p)
+
+
+def test_gpt3_on_1024_a100s_follows_megatrons_guidance(tmp_path, capsys):
+    # Narayanan et al. 2021: tensor parallelism within a node (t = 8 of its 8 GPUs), pipeline
+    # parallelism across nodes, microbatches of 1-2; Megatron-LM's 175B example: t 8, p 16,
+    # microbatch 1, batch 1536.
+    out = tmp_path / "plan.json"
+    assert cli.main(["plan", "--model", "gpt3-175b", "--cluster", "dgx-a100", "--gpus", "1024",
+                     "--global-batch", "1536", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    best = result["fit"][0]
+    assert best["layout"]["tp"] == 8 and best["layout"]["pp"] >= 8, best
+    assert best["microbatch_size"] <= 2 and best["fits"] and best["memory_gib"]["total"] < 72
+    assert 0 < best["mfu"] < 0.75 and result["searched"] > 100 and result["rejected"]
+    megatron = next(r for r in result["fit"] if r["layout"]["tp"] == 8
+                    and r["layout"]["pp"] == 16 and r["microbatch_size"] == 1)
+    assert megatron["time_s"]["step"] <= 1.1 * best["time_s"]["step"], megatron
+    printed = capsys.readouterr().out
+    assert "1. tp=8" in printed and "do not fit:" in printed
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "gpt4"], "--model gpt4: a preset (gpt3-6.7b"),
+    (["--model", "gpt", "--layers", "4"], "--model gpt needs --heads, --hidden-dim"),
+    (["--model", "gpt", "--layers", "4", "--hidden-dim", "100", "--heads", "3"],
+     "--hidden-dim 100 must be a positive multiple of --heads 3"),
+])
+def test_bad_input_is_one_line(argv, message, capsys):
+    assert cli.main(["plan", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"partlab: error: {message}") and "\n" not in err, err
+
+
+def test_a_model_that_fits_nowhere_says_so(capsys):
+    assert cli.main(["plan", "--model", "gpt-1t", "--gpus", "8", "--global-batch", "8"]) == 1
+    out = capsys.readouterr()
+    assert "0 fit" in out.out and "no layout fits" in out.err
+
+
+def test_validate_runs_the_labs_configurations(tmp_path):
+    out = tmp_path / "validate.json"
+    assert cli.main(["plan", "--validate", "--quick", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    runs = {r["run"]: r for r in result["runs"]}
+    assert set(runs) == set(plan_validate_quick())
+    assert all(r["comm_exact"] and r["predicted_step_ms"] > 0 for r in runs.values()), runs
+    assert runs["MLP, manual TP"]["predicted_activation_mib"] is None     # not counted
+    assert runs["gpt, native TP + SP"]["activation_ratio"] == pytest.approx(1, abs=0.1)
+    machine = result["machine"]
+    assert machine["peak_tflops"] > 0 and machine["intra_gbps"] > 0, machine
+
+
+def plan_validate_quick():
+    from partlab import plan_validate
+    return plan_validate.QUICK_RUNS
