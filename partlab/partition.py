@@ -11,7 +11,7 @@ import dataclasses
 import sys
 
 from partlab.config import INTERLEAVED, require
-from partlab.theory.pipeline import closed_form, closed_form_text
+from partlab.theory.pipeline import equal_stages, equal_stages_text
 
 
 def layer_index(name):
@@ -221,6 +221,6 @@ def warn_about_bubble(settings, ranks, local_rank):
     p, m, v = ranks, settings.microbatches, settings.virtual_stages
     if m < p and local_rank == 0:
         print(f"partlab: warning: --microbatches {m} < {p} stages: each stage idles for "
-              f"{closed_form(settings.schedule, p, m, v):.0%} of a step (the bubble, "
-              f"{closed_form_text(settings.schedule)}); "
+              f"{equal_stages(settings.schedule, p, m, v):.0%} of a step (the bubble for equal "
+              f"stages, {equal_stages_text(settings.schedule, p, m)}); "
               f"use --microbatches {p} or more", file=sys.stderr, flush=True)

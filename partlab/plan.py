@@ -57,20 +57,24 @@ def cluster(name, dtype="bf16", **overrides):
 
 
 def layouts(s, gpus):
-    """Every layout of `gpus` GPUs for Settings `s` (batch_size: the global batch) that partlab
-    could run: t divides the heads and fits two nodes' worth at most, stages own whole blocks,
-    replicas split the batch into whole microbatches, schedules get the microbatches they need;
-    tensor parallelism with sequence parallelism (the same bytes, less memory)."""
+    """The layouts of `gpus` GPUs for Settings `s` (batch_size: the global batch) that the step
+    model covers (partlab's drivers run the tensor and pipeline parts; data parallelism and
+    recomputation are modelled only): t a power of 2 dividing the heads and the sequence (for
+    sequence parallelism, which TP always uses here: the same bytes, less memory), two nodes'
+    worth at most; stages of whole blocks; replicas splitting the batch into whole
+    microbatches; schedules with the microbatches they need. Without a pipeline the
+    microbatches are gradient accumulation (1F1B on one rank: one alive at a time), the largest
+    first."""
     for t in (2**k for k in range(gpus.bit_length())):
-        if gpus % t or s.heads % t or t > 16:
+        if gpus % t or s.heads % t or s.seq_len % t or t > 16:
             continue
         for p in (p for p in range(1, gpus // t + 1) if gpus // t % p == 0 and p <= s.layers):
             d = gpus // (t * p)
-            for b in MICROBATCH_SIZES:
+            for b in MICROBATCH_SIZES if p > 1 else sorted(MICROBATCH_SIZES, reverse=True):
                 if s.batch_size % (d * b):
                     continue
                 m = s.batch_size // (d * b)
-                for schedule, v in SCHEDULES if p > 1 else (("gpipe", 1),):
+                for schedule, v in SCHEDULES if p > 1 else (("1f1b", 1),):
                     if s.layers % (p * v) == 0 and (schedule != "1f1b" or m >= p) \
                             and (v == 1 or m % p == 0):
                         for recompute in (False, True):
@@ -80,13 +84,17 @@ def layouts(s, gpus):
 
 def search(s, gpus, machine):
     """(fitting predictions, fastest first; {reason: count} for the rest)."""
-    fits, rejected, fitted = [], collections.Counter(), set()
+    fits, rejected, fitted, accumulated = [], collections.Counter(), set(), set()
     for layout in layouts(s, gpus):
         if layout.recompute and dataclasses.replace(layout, recompute=False) in fitted:
             continue        # it fits without recomputing, which is faster
+        if layout.pp == 1 and (layout.tp, layout.recompute) in accumulated:
+            continue        # fewer, larger microbatches fit: the same maths, fewer calls
         memory = memory_gib(s, layout, machine)
         if memory["fits"]:
             fitted.add(layout)
+            if layout.pp == 1:
+                accumulated.add((layout.tp, layout.recompute))
             fits.append(predict(s, layout, machine))
             continue
         too_much = "weights, gradients and optimizer state" \
@@ -155,15 +163,22 @@ def model_settings(args):
 def main(argv):
     args = parser().parse_args(argv)
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        try:
+            os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--json {args.json}: cannot make its directory ({e.strerror}): "
+                             "write somewhere else") from None
+    if args.efficiency is not None and not 0 < args.efficiency <= 1:
+        raise UsageError(f"--efficiency {args.efficiency:g}: a share of the peak, above 0 and "
+                         "at most 1")
     if args.validate:
         from partlab import plan_validate
         return plan_validate.main(args)
     s = model_settings(args)
     if args.gpus < 1 or args.global_batch < 1:
         raise UsageError("--gpus and --global-batch must be positive")
-    machine = cluster(args.cluster, **({"efficiency": args.efficiency} if args.efficiency
-                                      else {}))
+    machine = cluster(args.cluster, **({} if args.efficiency is None
+                                      else {"efficiency": args.efficiency}))
     start = time.perf_counter()
     fits, rejected = search(s, args.gpus, machine)
     seconds = time.perf_counter() - start
@@ -178,7 +193,12 @@ def main(argv):
               f"(MFU {r['mfu']:.1%})\n   {why(r, fits[0])}")
     for reason, n in rejected.most_common():
         print(f"do not fit: {n} layouts, {reason}")
-    if not fits:
+    if not searched:
+        print(f"partlab: error: no layout makes {args.gpus} GPUs: t (a power of 2 up to 16 "
+              f"dividing the heads and the sequence) x p (up to the {s.layers} blocks) x "
+              f"replicas (dividing the batch of {args.global_batch}): change --gpus or "
+              "--global-batch", file=sys.stderr)
+    elif not fits:
         print("partlab: error: no layout fits: more GPUs, a smaller batch, or a GPU with more "
               "memory", file=sys.stderr)
     if args.json:

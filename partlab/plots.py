@@ -65,8 +65,7 @@ def bubble(rows, path, caption):
             series([{**r, "zb": r["schedule"] == "zero-bubble"} for r in rows],
                    "nproc", "virtual_stages", "zb"), itertools.cycle(("k:", "k-.", "k--"))):
         points = sorted({(r["microbatches"], r["theory"]) for r in group})
-        coefficient = (3 if zb else 1) * v
-        label = f"equal stages, p={p}: (p-1)/({coefficient if coefficient > 1 else ''}m+p-1)"
+        label = f"equal stages, p={p}, v={v}" + (", zero-bubble" if zb else "")
         ax.plot(*zip(*points, strict=True), style, label=label)
     log2_axis(ax, [r["microbatches"] for r in rows], "microbatches m")
     ax.set_ylabel("bubble (idle share of a step)")

@@ -73,7 +73,7 @@ class Record:
     step_time_s: float
     reference_step_time_s: float
     samples_per_s: float
-    model_flops_per_step: int      # model.flops_per_step: the maths, whatever the layout
+    model_flops_per_step: int      # theory.compute.flops_per_step: the maths, any layout
     tflops: float                  # model FLOPs per step / step time: all ranks together
     matmul_peak_tflops: float      # a square matmul on rank 0's device, measured in this run
     datasheet_peak_tflops: float | None   # the GPU's datasheet peak in the run's dtype, if known

@@ -38,7 +38,7 @@ class Bubble:
     the measured bubble has beyond the ideal is time between calls: messages and Python."""
 
     measured: float                # median over the timed steps
-    theory: float                  # the closed form for equal stages and free messages
+    theory: float                  # equal stages, free messages (theory.pipeline.equal_stages)
     ideal: float                   # the order simulated with this run's median call times
     order_as_theory: bool          # every rank ran its calls in theory.pipeline.order's order
     span_s: float                  # a step's span, first call to last (median), measured
@@ -159,9 +159,10 @@ def measure(events, settings, p, ranks, steps, clock, name):
     ran = {r: [(e[2], e[4], e[3]) for e in sorted(events, key=lambda e: e[5])
                if e[1] == steps[0] and e[0] == r] for r in range(ranks)}
     result = Bubble(measured=statistics.median(by_step[s][0] for s in steps),
-                    theory=theory.closed_form(settings.schedule, p, m, v),
+                    theory=theory.equal_stages(settings.schedule, p, m, v),
                     ideal=theory.bubble(ideal),
-                    order_as_theory=all(ran[r] == order[r // (ranks // p)] for r in range(ranks)),
+                    order_as_theory=all(tuple(ran[r]) == order[r // (ranks // p)]
+                                        for r in range(ranks)),
                     span_s=statistics.median(span(events, s) for s in steps),
                     ideal_span_s=theory.span(ideal),
                     steps=[s + 1 for s in steps], per_step=[by_step[s][0] for s in sorted(by_step)],
@@ -185,10 +186,11 @@ def summary(b, s, p):
     lines = [f"bubble (idle share of a step, from the timeline ({b.clock} clock), median of "
              f"steps {b.steps[0]}-{b.steps[-1]}): {b.measured:.1%}; this model's ideal "
              f"{b.ideal:.1%} (the schedule's order at this run's call times, free messages); "
-             f"equal stages {theory.closed_form_text(s['schedule'])} = {b.theory:.1%}",
+             f"equal stages {theory.equal_stages_text(s['schedule'], p, s['microbatches'])} = "
+             f"{b.theory:.1%}",
              f"  the gap: a step spans {b.span_s * 1e3:,.2f} ms against the ideal's "
-             f"{b.ideal_span_s * 1e3:,.2f} ms, {(b.span_s - b.ideal_span_s) / calls * 1e6:,.0f} "
-             f"us more per call of a rank ({calls} calls): messages and Python between calls"
+             f"{b.ideal_span_s * 1e3:,.2f} ms, {(b.span_s - b.ideal_span_s) / calls * 1e6:+,.0f} "
+             f"us per call of a rank ({calls} calls): messages and Python between calls"
              + ("" if b.order_as_theory else "; warning: the ranks did not run the theory's "
                 "order (partlab/theory/pipeline.py), so the ideal is not this schedule's")]
     if b.files:

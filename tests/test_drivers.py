@@ -177,10 +177,11 @@ def test_pipeline_matches_reference(schedule, nproc, layers, lab_records, launch
 
 def assert_bubble_and_activations(record):
     """A pipeline run's theory (partlab/theory/pipeline.py): its ranks ran the theory's order
-    of calls; the measured bubble is at least this model's ideal (the same order and call
-    times, with messages free: time between calls only adds to it; 0.9 for call times that vary
-    from the median the ideal takes); the activations each rank kept are the analytic count
-    of its stages' microbatches alive at once, to the byte."""
+    of calls; the measured bubble is at least this model's ideal and its span at least the
+    ideal's (the same order and call times, with messages free: time between calls only adds
+    to them; 0.9 and 1.2 for call times that vary from the medians the ideal takes); the
+    activations each rank kept are the analytic count of its stages' microbatches alive at
+    once, to the byte."""
     bubble, s = record["bubble"], record["settings"]
     assert bubble["order_as_theory"], bubble
     p, m, v = record["pipeline_ranks"], s["microbatches"], s["virtual_stages"]
@@ -188,7 +189,7 @@ def assert_bubble_and_activations(record):
         (p - 1) / ((3 if s["schedule"] == "zero-bubble" else 1) * v * m + p - 1))
     assert len(bubble["per_rank"]) == record["world_size"], bubble
     assert 0.9 * bubble["ideal"] <= bubble["measured"] < 1, bubble
-    assert bubble["ideal_span_s"] <= 1.1 * bubble["span_s"], bubble
+    assert bubble["ideal_span_s"] <= 1.2 * bubble["span_s"], bubble
     counted = s["schedule"] != "zero-bubble" or (s["model"], s["activation"]) == ("mlp", "relu")
     if record["tp"] is None and counted:
         assert [round(a * 2**20) for a in record["analytic_activation_mib"]] == \

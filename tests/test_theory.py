@@ -37,8 +37,9 @@ def torch_order(schedule, m, v):
            "interleaved-1f1b": torch_schedules.ScheduleInterleaved1F1B,
            "zero-bubble": torch_schedules.ScheduleInterleavedZeroBubble}[schedule]
     made = cls(stages if v > 1 else stages[0], n_microbatches=m, loss_fn=lambda y, t: y.sum())
-    return {r: [(a.computation_type.value, a.stage_index, a.microbatch_index) for a in actions
-                if a is not None and a.computation_type.value in pipeline.KINDS]
+    return {r: tuple((a.computation_type.value, a.stage_index, a.microbatch_index)
+                     for a in actions
+                     if a is not None and a.computation_type.value in pipeline.KINDS)
             for r, actions in made.pipeline_order.items()}
 
 
@@ -56,11 +57,11 @@ def test_orders_are_torchs(schedule, v, m, fake_group):
 
 
 @pytest.mark.parametrize("m", [4, 8])
-def test_1f1b_order_is_what_torch_runs_not_what_it_lists(m, fake_group):
-    # Schedule1F1B runs min(m, p - r) forwards first (its _step_microbatches; the drivers' runs
-    # confirm every rank's order from the timeline: record["bubble"]["order_as_theory"]). Its
-    # pipeline_order, in torch 2.13, gives the last rank forwards of microbatches 1..m instead
-    # of 0..m-1, which torch's own validation refuses; the theory's order passes it.
+def test_1f1b_order_passes_torchs_validation_where_torchs_list_does_not(m, fake_group):
+    # Schedule1F1B runs min(m, p - r) forwards first (its _step_microbatches; that this is what
+    # runs, every rank's timeline in the drivers' tests confirms: record["bubble"]
+    # ["order_as_theory"]). Its pipeline_order, in torch 2.13, gives the last rank forwards of
+    # microbatches 1..m instead of 0..m-1, which torch's own validation refuses.
     ours = pipeline.order("1f1b", P, m)
     torch_schedules._validate_schedule(as_actions(ours), P, P, m)
     listed = torch_order("1f1b", m, 1)
@@ -79,6 +80,20 @@ def test_closed_forms_are_the_simulation_of_equal_stages(schedule, v, p, m):
     # Equal stages: forward 1, backward 2 (zero-bubble: input and weight gradient 1 each).
     simulated = pipeline.ideal_bubble(schedule, p, m, v, pipeline.unit_cost)
     assert simulated == pytest.approx(pipeline.closed_form(schedule, p, m, v), abs=1e-12)
+    assert pipeline.equal_stages(schedule, p, m, v) == pytest.approx(simulated, abs=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["interleaved-1f1b", "zero-bubble"])
+@pytest.mark.parametrize("p,m", [(2, 1), (4, 2), (4, 3), (8, 4)])
+def test_fewer_microbatches_than_ranks_leave_more_than_the_formula(schedule, p, m):
+    # The interleaved formulas hold for m a multiple of p; below p the chunks wait for each
+    # other and the bubble is larger: equal_stages simulates it (e.g. p = 2, m = 1: 50 %
+    # for interleaved 1F1B, not 33 %).
+    simulated = pipeline.ideal_bubble(schedule, p, m, 2, pipeline.unit_cost)
+    assert simulated > pipeline.closed_form(schedule, p, m, 2) + 0.01
+    assert pipeline.equal_stages(schedule, p, m, 2) == simulated
+    if (schedule, p, m) == ("interleaved-1f1b", 2, 1):
+        assert simulated == pytest.approx(0.5)
 
 
 def test_simulation_of_unequal_stages_by_hand():
@@ -103,17 +118,18 @@ def test_an_order_that_waits_for_itself_is_refused():
 
 @pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (4, 16), (8, 16)])
 def test_activations_alive_per_rank(p, m):
-    # In chunks (1/v of a rank's layers): GPipe every microbatch; 1F1B its warm-up, p - r;
-    # interleaved 1F1B (v - 1) m/p + 2 (p - 1 - r) + 1 (its warm-up, and one in steady state);
-    # zero-bubble (v - 1) m/p + p, every rank (its weight gradients lag r calls behind).
+    # In chunks (1/v of a rank's layers), with m a multiple of p (torch's rounds of p
+    # microbatches): GPipe every microbatch; 1F1B its warm-up, p - r; interleaved 1F1B
+    # (v - 1) p + 2 (p - 1 - r) + 1 (its warm-up, and one in steady state); zero-bubble
+    # (v - 1) p + p, every rank (its weight gradients lag r calls behind).
     v, rounds = 2, m // p
     alive = {s: [pipeline.alive(ops) for ops in pipeline.order(s, p, m, v).values()]
              for s in pipeline.SCHEDULES}
     assert alive["gpipe"] == [m] * p
     assert alive["1f1b"] == [p - r for r in range(p)]
-    assert alive["interleaved-1f1b"] == [(v - 1) * m // rounds + 2 * (p - 1 - r) + 1
-                                         for r in range(p)]
-    assert alive["zero-bubble"] == [(v - 1) * m // rounds + p] * p
+    assert m // rounds == p
+    assert alive["interleaved-1f1b"] == [(v - 1) * p + 2 * (p - 1 - r) + 1 for r in range(p)]
+    assert alive["zero-bubble"] == [(v - 1) * p + p] * p
 
 
 SMALL = Settings(batch_size=6, input_dim=8, hidden_dim=16, num_classes=5, layers=4)

@@ -6,6 +6,7 @@
                sequence parallelism) and pipeline ranks
   pipeline.py  the schedules' orders of actions, the bubble they leave for given per-stage costs
                (simulated) and for equal stages (closed forms), activations alive per rank
+  step.py      a layout's memory and step time at any scale (`partlab plan`)
 
 The lab's records, `partlab bench`, `partlab plan` and the tests all compare against these.
 """

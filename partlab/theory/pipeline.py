@@ -40,16 +40,35 @@ def closed_form_text(schedule):
             "interleaved-1f1b": "(p-1)/(v*m+p-1)", "zero-bubble": "(p-1)/(3*v*m+p-1)"}[schedule]
 
 
+def has_closed_form(schedule, p, m):
+    return schedule in ("gpipe", "1f1b") or m % p == 0
+
+
+def equal_stages(schedule, p, m, v=1):
+    """The bubble for equal stages and free messages: the closed form where it holds, else
+    (the interleaved schedules with m not a multiple of p) the simulation of unit costs."""
+    if has_closed_form(schedule, p, m):
+        return closed_form(schedule, p, m, v)
+    return ideal_bubble(schedule, p, m, v, unit_cost)
+
+
+def equal_stages_text(schedule, p, m):
+    return closed_form_text(schedule) if has_closed_form(schedule, p, m) else \
+        "simulated (the formula needs m a multiple of p)"
+
+
 @functools.lru_cache(maxsize=4096)
 def order(schedule, p, m, v=1):
-    """{rank: [(kind, stage, microbatch), ...]} for `schedule` on p ranks, m microbatches and
+    """{rank: ((kind, stage, microbatch), ...)} for `schedule` on p ranks, m microbatches and
     (interleaved schedules) v chunks per rank."""
     if schedule == "gpipe":
-        return {r: [("F", r, i) for i in range(m)] + [("B", r, i) for i in range(m)]
-                for r in range(p)}
-    if schedule == "1f1b":
-        return {r: one_f_one_b(r, p, m) for r in range(p)}
-    return {r: interleaved(r, p, m, v, schedule == "zero-bubble") for r in range(p)}
+        ranks = {r: [("F", r, i) for i in range(m)] + [("B", r, i) for i in range(m)]
+                 for r in range(p)}
+    elif schedule == "1f1b":
+        ranks = {r: one_f_one_b(r, p, m) for r in range(p)}
+    else:
+        ranks = {r: interleaved(r, p, m, v, schedule == "zero-bubble") for r in range(p)}
+    return {r: tuple(ops) for r, ops in ranks.items()}     # cached: not to be changed
 
 
 def one_f_one_b(r, p, m):
@@ -193,7 +212,9 @@ def alive(ops, change=chunks):
     A change may be (net, the most held above the start during the call)."""
     live = peak = 0
     for kind, stage, _ in ops:
-        net, rise = (lambda c: c if isinstance(c, tuple) else (c, c))(change(kind, stage))
+        net = rise = change(kind, stage)
+        if isinstance(net, tuple):
+            net, rise = net
         peak = max(peak, live + rise, live + net)
         live += net
     return peak

@@ -80,11 +80,13 @@ def tp_messages(s, layers, batch):
     stage (the gpt without SP; SP sends the same bytes in twice the calls)."""
     size = comm.DTYPE_BYTES[s.dtype]
     if s.model == "gpt":
-        tokens = batch * s.seq_len * s.hidden_dim * size
+        activation = batch * s.seq_len * s.hidden_dim * size
         last = layers[-1] == s.layers - 1
-        forward = [tokens] * (2 * len(layers) + (layers[0] == 0))
-        backward = [tokens] * (2 * len(layers) + last) \
+        # The embedding's forward, the loss's 3 of a number a token forward, the head's input
+        # gradient backward.
+        forward = [activation] * (2 * len(layers) + (layers[0] == 0)) \
             + [batch * s.seq_len * comm.LOSS_BYTES] * 3 * last
+        backward = [activation] * (2 * len(layers) + last)
         return forward, backward
     dims, pairs = comm.boundary_elements(dataclasses.asdict(s)), [i for i in layers if i % 2 == 0]
     return ([batch * dims[i + 2] * size for i in pairs],
@@ -163,7 +165,9 @@ def predict(s, layout, machine, state_bytes=16, compute_s=None):
         cost.update({("F", stage): f, ("B", stage): b, ("I", stage): b / 2, ("W", stage): b / 2})
     p2p_gbps, p2p_latency = link(machine, t * d)
     boundary = comm.boundary_elements(dataclasses.asdict(s))
-    message = (machine.p2p_latency_us or p2p_latency) * 1e-6 + batch * max(boundary) \
+    if machine.p2p_latency_us is not None:
+        p2p_latency = machine.p2p_latency_us
+    message = p2p_latency * 1e-6 + batch * max(boundary) \
         * comm.DTYPE_BYTES[s.dtype] / (p2p_gbps * 1e9) if p > 1 else 0.0
     m = layout.microbatches
     span = pipeline.long_span(r.schedule, p, m, v, lambda kind, stage: cost[kind, stage],
@@ -200,7 +204,8 @@ def gpt_pipeline_bytes(r, rank, p, t, recompute):
     """The gpt's chunks alive in the schedule's order times what a chunk saves (memory.py's
     count, to the byte; under zero-bubble a chunk's whole is taken as held until its weight
     gradient, which torch's split does not quite do: pipeline_activation_bytes); with
-    recomputation each alive chunk's block inputs and one block whole."""
+    recomputation each alive chunk's block inputs (the last stage's head and loss too) and one
+    block whole."""
     v, total = r.virtual_stages, p * r.virtual_stages
     batch = r.batch_size // r.microbatches
     ops = pipeline.order(r.schedule, p, r.microbatches, v)[rank]
@@ -210,7 +215,10 @@ def gpt_pipeline_bytes(r, rank, p, t, recompute):
         return pipeline.alive(ops, lambda kind, st: pipeline.chunks(kind, st) * weight[st])
     split = t if r.sequence_parallel else 1
     block_input = batch * r.seq_len * r.hidden_dim * comm.DTYPE_BYTES[r.dtype] / split
+    # The last stage also keeps its head's input and fp32 log-softmax until its backward.
+    head = memory.gpt_activation_bytes(r, t, vocab_rows=-(-r.vocab_size // t), blocks=0,
+                                       first=False, last=True, batch=batch)
     inputs = {st: len(stage_layers(r.layers, st, total)) * block_input
-              for st in stage_ids(rank, p, v)}
+              + (head if st == total - 1 else 0) for st in stage_ids(rank, p, v)}
     whole = memory.gpt_activation_bytes(r, t, blocks=1, first=False, last=False, batch=batch)
     return pipeline.alive(ops, lambda kind, st: pipeline.chunks(kind, st) * inputs[st]) + whole
