@@ -33,7 +33,7 @@ import tempfile
 from partlab import lab, plots, strategies
 from partlab.config import UsageError
 from partlab.report import write_json
-from partlab.theory.comm import pipeline_comm, ring_wire_bytes, tp_comm
+from partlab.theory.comm import ring_wire_bytes, run_comm
 
 # Sizes per sweep. Defaults take 4-10 s per run on 2 CPU cores; on GPUs pass bigger ones
 # (--hidden-dims 16384 --batch-size 1024). A sweep that needs one width uses the largest of
@@ -338,11 +338,8 @@ def comm(sweep):
         extra = ["--microbatches", max(s["microbatches"])] if pipelined else []
         record = sweep.run(entry, p, sweep.flags(hidden, *extra), strategy=name,
                            hidden_dim=hidden)
-        impl = "native" if entry.module.endswith("native") else "manual"
         for rank in range(p) if record else ():
-            expected = pipeline_comm(record["settings"], rank, p) if pipelined \
-                else tp_comm(record["settings"], p, impl)
-            for op, want in sorted(expected.items()):
+            for op, want in sorted(run_comm(record, rank).items()):
                 got = record["comm_bytes_per_step"][rank].get(op, 0)
                 rows.append({"strategy": name, "nproc": p, "hidden_dim": hidden, "rank": rank,
                              "op": op, "count": record["comm_per_step"][rank].get(op, 0),

@@ -113,10 +113,13 @@ def make_batch(settings, step):
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def parameter_count(settings):
+def parameter_count(settings, blocks=None, first=True, last=True):
+    """Weights and biases of `blocks` blocks (default all), with the embeddings when `first`
+    and the final norm and head when `last` (a pipeline stage's share)."""
     h, v = settings.hidden_dim, settings.vocab_size
     block = 4 * (h * h + h) + (4 * h * h + 4 * h) + (4 * h * h + h) + 2 * 2 * h
-    return v * h + settings.seq_len * h + settings.layers * block + 2 * h + h * v
+    return (settings.layers if blocks is None else blocks) * block \
+        + first * (v * h + settings.seq_len * h) + last * (2 * h + h * v)
 
 
 def describe(s):

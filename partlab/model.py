@@ -107,12 +107,15 @@ def mlp_dims(settings):
         + [settings.num_classes]
 
 
-def parameter_count(settings):
-    """Weights and biases of the full model."""
+def parameter_count(settings, layers=None):
+    """Weights and biases of the full model, or of a pipeline stage holding `layers` (MLP
+    layers or gpt blocks: the gpt's first stage holds the embeddings, its last the head)."""
+    layers = range(settings.layers) if layers is None else layers
     if settings.model == "gpt":
-        return gpt.parameter_count(settings)
+        return gpt.parameter_count(settings, len(layers), first=layers[0] == 0,
+                                   last=layers[-1] == settings.layers - 1)
     dims = mlp_dims(settings)
-    return sum(dims[i] * dims[i + 1] + dims[i + 1] for i in range(settings.layers))
+    return sum(dims[i] * dims[i + 1] + dims[i + 1] for i in layers)
 
 
 def describe(settings):

@@ -36,7 +36,8 @@ from partlab.theory import comm
 from partlab.theory.step import Layout, Machine, activation_bytes, predict, replica_settings
 
 PROCESSES = 2
-SIZES = (4096, 4 * 2**20)                   # bytes: a latency-bound and a bandwidth-bound size
+# Bytes: a latency-bound size, and one whose bandwidth term (~20 ms on gloo) dwarfs the noise.
+SIZES = (4096, 16 * 2**20)
 # The lab's models: the handout's MLP (4 layers), the bubble target's width, the lab's gpt.
 MODELS = {"mlp": ["--batch-size", "64", "--input-dim", "1024", "--hidden-dim", "2048",
                   "--num-classes", "10", "--layers", "4", "--steps", "5"],
@@ -168,6 +169,11 @@ def fit(seconds, steps):
     """(latency in us, GB/s) from the two sizes' times: steps x latency + bytes / bandwidth."""
     (small, t_small), (large, t_large) = sorted(seconds.items())
     per_byte = (t_large - t_small) / (large - small)
+    if per_byte <= 0:
+        raise SystemExit(f"partlab: error: the calibration's {large:,}-byte messages took no "
+                         f"longer than its {small:,}-byte ones ({t_large * 1e3:.2f} vs "
+                         f"{t_small * 1e3:.2f} ms): the machine is too busy to measure; run "
+                         "again when it is quieter")
     return max(t_small - small * per_byte, 0) / steps * 1e6, 1 / per_byte / 1e9
 
 
@@ -217,13 +223,9 @@ def layout_of(record):
                   sequence_parallel=s["sequence_parallel"])
 
 
-def analytic_comm(record, layout):
-    s = record["settings"]
-    if layout.pp > 1:
-        return [{op: c["bytes"] for op, c in comm.pipeline_comm(s, r, layout.pp).items()}
-                for r in range(layout.pp)]
-    impl = "manual" if "manual" in record["strategy"] else "native"
-    return [{op: c["bytes"] for op, c in comm.tp_comm(s, layout.tp, impl).items()}] * layout.tp
+def analytic_comm(record):
+    return [{op: c["bytes"] for op, c in comm.run_comm(record, r).items()}
+            for r in range(record["world_size"])]
 
 
 def compare(label, record, machine, stage_s):
@@ -243,7 +245,7 @@ def compare(label, record, machine, stage_s):
             "step_ratio": predicted["time_s"]["step"] / record["step_time_s"],
             "predicted": predicted["time_s"],
             "comm_bytes": sum(sum(r.values()) for r in record["comm_bytes_per_step"]),
-            "comm_exact": record["comm_bytes_per_step"] == analytic_comm(record, layout),
+            "comm_exact": record["comm_bytes_per_step"] == analytic_comm(record),
             "activation_mib": measured_mib,
             "predicted_activation_mib": None if activations is None else activations * 1024,
             "activation_ratio": None if activations is None else

@@ -92,3 +92,13 @@ def pipeline_comm(s, rank, ranks):
                 for a in stage_ids(rank, ranks, v) for b in (a - 1, a + 1) if 0 <= b < total]
     one_way = {"count": m * len(elements), "bytes": m * sum(elements) * dtype_bytes(s)}
     return {"send": one_way, "recv": dict(one_way)}
+
+
+def run_comm(record, rank):
+    """What rank `rank` of a tensor-parallel or pipeline run (a record, partlab/report.py's
+    Record as JSON) should communicate per step: pipeline_comm or tp_comm."""
+    s = record["settings"]
+    if record["pipeline_ranks"]:
+        return pipeline_comm(s, rank, record["pipeline_ranks"])
+    return tp_comm(s, record["world_size"], "manual" if "manual" in record["strategy"]
+                   else "native")

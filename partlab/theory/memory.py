@@ -97,6 +97,15 @@ def stage_activation_bytes(s, stage, stages, tp=1):
     return mlp_activation_bytes(s, layers, batch) if tp == 1 else None
 
 
+def chunks_alive_bytes(s, rank, ranks, tp=1):
+    """Pipeline rank `rank`'s peak when each chunk keeps what its stage saves (tp > 1: a gpt
+    stage's tensor-parallel rank) from its forward until its backward or weight gradient."""
+    v = s.virtual_stages or 1
+    whole = {st: stage_activation_bytes(s, st, ranks * v, tp) for st in stage_ids(rank, ranks, v)}
+    return pipeline.alive(pipeline.order(s.schedule, ranks, s.microbatches, v)[rank],
+                          lambda kind, st: pipeline.chunks(kind, st) * whole[st])
+
+
 def pipeline_activation_bytes(s, rank, ranks):
     """Pipeline rank `rank`'s peak: its stages' microbatches alive at once in the schedule's
     order (theory.pipeline.alive), each weighing what its stage saves; None where partlab has no
@@ -109,13 +118,13 @@ def pipeline_activation_bytes(s, rank, ranks):
     with the step's state). The first stage's input is data: its I has nothing to compute and
     its W frees everything. Not counted: GELU and the gpt, where W leaves more behind on the
     last stage by rules partlab has not pinned down."""
+    if s.schedule != "zero-bubble":
+        return chunks_alive_bytes(s, rank, ranks)
+    if s.model == "gpt" or s.activation != "relu":
+        return None
     v, total = s.virtual_stages or 1, ranks * (s.virtual_stages or 1)
     ops = pipeline.order(s.schedule, ranks, s.microbatches, v)[rank]
     whole = {st: stage_activation_bytes(s, st, total) for st in stage_ids(rank, ranks, v)}
-    if s.schedule != "zero-bubble":
-        return pipeline.alive(ops, lambda kind, st: pipeline.chunks(kind, st) * whole[st])
-    if s.model == "gpt" or s.activation != "relu":
-        return None
     batch = s.batch_size // s.microbatches
     saved = {st: mlp_saved(s, stage_layers(s.layers, st, total), batch) for st in whole}
     log_softmax = LOSS_BYTES * s.num_classes * batch

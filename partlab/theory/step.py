@@ -27,6 +27,7 @@ The model (each part built on the rest of partlab/theory):
 import dataclasses
 import functools
 
+from partlab.model import mlp_dims, parameter_count
 from partlab.partition import stage_ids, stage_layers
 from partlab.theory import comm, compute, memory, pipeline
 
@@ -88,7 +89,7 @@ def tp_messages(s, layers, batch):
             + [batch * s.seq_len * comm.LOSS_BYTES] * 3 * last
         backward = [activation] * (2 * len(layers) + last)
         return forward, backward
-    dims, pairs = comm.boundary_elements(dataclasses.asdict(s)), [i for i in layers if i % 2 == 0]
+    dims, pairs = mlp_dims(s), [i for i in layers if i % 2 == 0]
     return ([batch * dims[i + 2] * size for i in pairs],
             [batch * dims[i] * size for i in pairs if i > 0])
 
@@ -108,17 +109,6 @@ def link(machine, ranks_apart):
     return machine.inter_gbps, machine.inter_latency_us
 
 
-def parameters(s, layers, first, last):
-    """Parameters of a stage of `layers` (the gpt's first stage holds the embeddings, its last
-    the final norm and the head)."""
-    if s.model == "gpt":
-        h, v = s.hidden_dim, s.vocab_size
-        block = 12 * h * h + 13 * h
-        return len(layers) * block + first * (v * h + s.seq_len * h) + last * (2 * h + v * h)
-    dims = comm.boundary_elements(dataclasses.asdict(s))
-    return sum(dims[i] * dims[i + 1] + dims[i + 1] for i in layers)
-
-
 def memory_gib(s, layout, machine, state_bytes=16):
     """Per-GPU memory of `layout` on its fullest pipeline rank, the first or the last (the
     first holds the embeddings and, but in zero-bubble where every rank holds as many, the most
@@ -128,7 +118,7 @@ def memory_gib(s, layout, machine, state_bytes=16):
     two moments), 8 for fp32 SGD (weights and gradients)."""
     t, p, v = layout.tp, layout.pp, layout.virtual
     r, total = replica_settings(s, layout), p * v
-    params = [sum(parameters(s, stage_layers(s.layers, st, total), st == 0, st == total - 1)
+    params = [sum(parameter_count(s, stage_layers(s.layers, st, total))
                   for st in stage_ids(rank, p, v)) / t for rank in range(p)]
     activations = {rank: activation_bytes(r, rank, p, t, layout.recompute) for rank in {0, p - 1}}
     held = {rank: params[rank] * state_bytes + (a or 0) for rank, a in activations.items()}
@@ -210,9 +200,7 @@ def gpt_pipeline_bytes(r, rank, p, t, recompute):
     batch = r.batch_size // r.microbatches
     ops = pipeline.order(r.schedule, p, r.microbatches, v)[rank]
     if not recompute:
-        weight = {st: memory.stage_activation_bytes(r, st, total, t)
-                  for st in stage_ids(rank, p, v)}
-        return pipeline.alive(ops, lambda kind, st: pipeline.chunks(kind, st) * weight[st])
+        return memory.chunks_alive_bytes(r, rank, p, t)
     split = t if r.sequence_parallel else 1
     block_input = batch * r.seq_len * r.hidden_dim * comm.DTYPE_BYTES[r.dtype] / split
     # The last stage also keeps its head's input and fp32 log-softmax until its backward.
