@@ -109,7 +109,7 @@ def search(s, gpus, machine):
 def why(r, best):
     """What a layout's step is made of, and what it costs against the best."""
     t, mem = r["time_s"], r["memory_gib"]
-    parts = (f"step {t['step']:.2f} s = compute and tensor-parallel all_reduces "
+    parts = (f"step {t['step']:.2f} s = compute and tensor-parallel collectives "
              f"{t['compute_and_tp']:.2f} + pipeline idle {t['pipeline_idle']:.2f} (bubble "
              f"{r['bubble']:.1%}, with messages) + data-parallel all_reduce "
              f"{t['dp_all_reduce']:.2f} + optimizer {t['optimizer']:.2f}; {mem['total']:.1f} GiB "
@@ -136,6 +136,9 @@ def parser():
     p.add_argument("--json", help="write the search here")
     p.add_argument("--validate", action="store_true",
                    help="check the model against the lab's own runs on this machine")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="with --validate: run and calibrate each configuration N times and "
+                        "compare the medians (a noisy machine's step times vary)")
     p.add_argument("--quick", action="store_true",
                    help="with --validate: three tiny runs, to check that it works (not a "
                         "measurement)")
@@ -171,6 +174,8 @@ def main(argv):
     if args.efficiency is not None and not 0 < args.efficiency <= 1:
         raise UsageError(f"--efficiency {args.efficiency:g}: a share of the peak, above 0 and "
                          "at most 1")
+    if args.repeats < 1:
+        raise UsageError(f"--repeats {args.repeats}: at least 1")
     if args.validate:
         from partlab import plan_validate
         return plan_validate.main(args)

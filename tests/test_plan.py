@@ -59,12 +59,18 @@ def h_bytes(s):
 
 
 @pytest.mark.parametrize("s", [Settings(layers=4, batch_size=32),
-                               Settings(model="gpt", layers=3, hidden_dim=64, batch_size=4)])
-def test_tp_messages_by_stage_add_up_to_the_models_count(s):
-    forward, backward = step.tp_messages(s, range(s.layers), s.batch_size)
-    whole = comm.tp_comm(dataclasses.asdict(s), 2, "manual")["all_reduce"]
-    assert (len(forward) + len(backward), sum(forward) + sum(backward)) == \
-        (whole["count"], whole["bytes"])
+                               Settings(model="gpt", layers=3, hidden_dim=64, batch_size=4),
+                               Settings(model="gpt", layers=3, hidden_dim=64, batch_size=4,
+                                        sequence_parallel=True)])
+@pytest.mark.parametrize("impl", ["manual", "native"])
+@pytest.mark.parametrize("stages", [1, 3])
+def test_tp_messages_by_stage_add_up_to_the_models_count(s, impl, stages):
+    calls = [c for st in range(stages)
+             for c in sum(step.tp_messages(s, step.stage_layers(s.layers, st, stages),
+                                           s.batch_size, 2, impl), [])]
+    whole = comm.tp_comm(dataclasses.asdict(s), 2, impl)
+    assert {op: {"count": sum(o == op for o, _ in calls),
+                 "bytes": sum(b for o, b in calls if o == op)} for op, _ in calls} == whole
 
 
 def test_step_time_by_hand():
@@ -140,6 +146,7 @@ def test_gpt3_on_1024_a100s_follows_megatrons_guidance(tmp_path, capsys):
     (["--model", "gpt", "--layers", "4"], "--model gpt needs --heads, --hidden-dim"),
     (["--model", "gpt", "--layers", "4", "--hidden-dim", "100", "--heads", "3"],
      "--hidden-dim 100 must be a positive multiple of --heads 3"),
+    (["--validate", "--repeats", "0"], "--repeats 0: at least 1"),
 ])
 def test_bad_input_is_one_line(argv, message, capsys):
     assert cli.main(["plan", *argv]) == 2
@@ -162,10 +169,52 @@ def test_validate_runs_the_labs_configurations(tmp_path):
     assert all(r["comm_exact"] and r["predicted_step_ms"] > 0 for r in runs.values()), runs
     assert runs["MLP, manual TP"]["predicted_activation_mib"] is None     # not counted
     assert runs["gpt, native TP + SP"]["activation_ratio"] == pytest.approx(1, abs=0.1)
-    machine = result["machine"]
+    machine = runs["MLP, zero-bubble m=4"]["repeats"][0]["machine"]
     assert machine["peak_tflops"] > 0 and machine["intra_gbps"] > 0, machine
 
 
 def plan_validate_quick():
     from partlab import plan_validate
     return plan_validate.QUICK_RUNS
+
+
+@pytest.mark.parametrize("schedule, m, v", [("gpipe", 4, 1), ("1f1b", 8, 1),
+                                             ("zero-bubble", 4, 2)])
+def test_a_schedules_own_time_is_what_makes_the_simulation_its_step(schedule, m, v):
+    from partlab.calibrate import PROCESSES, schedule_overhead
+    stages = [(1e-3 * (1 + st), 2e-3) for st in range(PROCESSES * v)]
+    orders = pipeline.order(schedule, PROCESSES, m, v)
+
+    def step_s(c):
+        def cost(kind, st):
+            return c + {"F": stages[st][0], "B": 2e-3, "I": 1e-3, "W": 1e-3}[kind]
+        return pipeline.span(pipeline.simulate(orders, cost, 1e-4))
+    measured = {"stages": stages, "step_s": step_s(5e-4)}
+    assert schedule_overhead(schedule, m, v, measured, 1e-4) == pytest.approx(5e-4, rel=1e-6)
+    # A step no longer than its calls' work adds nothing.
+    assert schedule_overhead(schedule, m, v, {**measured, "step_s": step_s(0) / 2}, 1e-4) == 0
+
+
+def test_collective_figures_by_hand():
+    from partlab.calibrate import STREAM, figures
+    # 1 GB/s; a call 300 us, a message 200 us: an all_reduce on 2 ranks is the call and 2
+    # messages, an all_gather the call and 1; point to point 100 us at 2 GB/s.
+    small, large = 4096, 2**24
+    measured = {"tflops": 0.05, "stream_s": 3 * 4 * STREAM / 20e9, "schedules": [],
+                "seconds": {"all_reduce": {str(n): 700e-6 + n / 1e9 for n in (small, large)},
+                            "all_gather": {str(small): 500e-6 + small / 1e9},
+                            "send": {str(n): 100e-6 + n / 2e9 for n in (small, large)}}}
+    machine, overhead = figures(measured, [])
+    assert (machine.call_latency_us, machine.intra_latency_us, machine.p2p_latency_us) == \
+        pytest.approx((300, 200, 100))
+    assert (machine.intra_gbps, machine.memory_gbps) == pytest.approx((1, 20))
+    assert overhead == {}
+    # All_reduce's collectives on 2 ranks, as the step model times them.
+    assert step.collective_seconds("all_reduce", small, 2, 1, 200, 300) == \
+        pytest.approx(700e-6 + small / 1e9)
+    assert step.collective_seconds("all_gather", small, 2, 1, 200, 300) == \
+        pytest.approx(500e-6 + small / 1e9)
+    # A large message no slower than a small one: the machine was too busy to measure.
+    measured["seconds"]["all_reduce"][str(large)] = 600e-6
+    with pytest.raises(SystemExit, match="too busy to measure"):
+        figures(measured, [])

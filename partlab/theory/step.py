@@ -1,5 +1,5 @@
 """A layout's step, predicted: per-GPU memory (weights, gradients, optimizer state,
-activations) and step time (compute, the tensor-parallel all_reduces it waits for, the
+activations) and step time (compute, the tensor-parallel collectives it waits for, the
 pipeline's bubble and messages, the data-parallel gradient all_reduce), from the model's sizes
 and a machine's rates. `partlab plan` ranks layouts with it; `partlab plan --validate` checks
 it against the lab's own runs on this machine.
@@ -10,12 +10,15 @@ The model (each part built on the rest of partlab/theory):
                the messages and memory); or, where a micro-benchmark timed the stage calls
                themselves (`partlab plan --validate`), those times
   optimizer    one pass over the rank's state (read and written) at the memory's bandwidth
-  tensor       per microbatch and stage, its all_reduces (tp_messages), ring-timed: 2(t-1)
-  parallel     latencies and 2(t-1)/t of the payload at the link's bandwidth, exposed (nothing
-               overlaps them); within a node when t fits in one
+  tensor       per microbatch and stage, its collectives (tp_messages: all_reduces, or SP's
+  parallel     all_gathers and reduce_scatters and its norms' gradients), ring-timed: the
+               call's own latency, one per message (2(t-1) for an all_reduce) and what the
+               rank sends at the link's bandwidth, exposed (nothing overlaps them); within a
+               node when t fits
   pipeline     the schedule's order simulated (theory.pipeline) with those call costs, each
                activation or gradient crossing ranks a message: latency + bytes / bandwidth,
-               across nodes when t x d fills a node (Megatron's rank order: tp, dp, pp)
+               across nodes when t x d fills a node (Megatron's rank order: tp, dp, pp); plus,
+               where measured (`--validate`), what the schedule itself adds to each call
   data         one ring all_reduce of the rank's gradients after the last backward, exposed
   parallel
   memory       parameters / t (every tensor split, a slight under-count of the replicated
@@ -23,6 +26,9 @@ The model (each part built on the rest of partlab/theory):
                (memory.pipeline_activation_bytes); with full recomputation only each block's
                input stays per microbatch (1/t under SP), plus one block's whole while it
                recomputes
+The host's time per call (a collective's own latency, the schedule's Python) is 0 in the
+cluster presets: on a GPU it overlaps the kernels queued before it, and a cluster-scale
+stage's calls are milliseconds of matmuls. On the lab's CPU runs it is measured, and counts.
 """
 import dataclasses
 import functools
@@ -46,6 +52,7 @@ class Machine:
     memory_gbps: float          # the optimizer's update streams the state at this rate
     usable: float = 0.9         # of memory_gib: the rest for the context, buffers, fragments
     p2p_latency_us: float | None = None   # a pipeline message's, where not the link's
+    call_latency_us: float = 0.0  # a collective call's own, beyond its messages' latencies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,31 +82,44 @@ def replica_settings(s, layout):
                                sequence_parallel=layout.sequence_parallel)
 
 
-def tp_messages(s, layers, batch):
-    """(forward, backward) payloads in bytes of the all_reduces a tensor-parallel stage of
-    `layers` issues for `batch` samples: comm.mlp_tp_comm's and comm.gpt_tp_comm's count, by
-    stage (the gpt without SP; SP sends the same bytes in twice the calls)."""
+def tp_messages(s, layers, batch, t, impl="manual"):
+    """(forward, backward) [(op, payload bytes)] of the collectives a tensor-parallel stage of
+    `layers` issues for `batch` samples on t ranks: comm.gpt_tp_comm's and comm.mlp_tp_comm's
+    calls, by stage. Under the gpt's SP each block's all_reduce is an all_gather of 1/t of it and a
+    reduce_scatter, and each norm's (manual, as Megatron-LM: and row bias's) gradient is one
+    more all_reduce, counted in the backward."""
     size = comm.DTYPE_BYTES[s.dtype]
-    if s.model == "gpt":
-        activation = batch * s.seq_len * s.hidden_dim * size
-        last = layers[-1] == s.layers - 1
-        # The embedding's forward, the loss's 3 of a number a token forward, the head's input
-        # gradient backward.
-        forward = [activation] * (2 * len(layers) + (layers[0] == 0)) \
-            + [batch * s.seq_len * comm.LOSS_BYTES] * 3 * last
-        backward = [activation] * (2 * len(layers) + last)
-        return forward, backward
-    dims, pairs = mlp_dims(s), [i for i in layers if i % 2 == 0]
-    return ([batch * dims[i + 2] * size for i in pairs],
-            [batch * dims[i] * size for i in pairs if i > 0])
+    if s.model == "mlp":
+        dims, pairs = mlp_dims(s), [i for i in layers if i % 2 == 0]
+        return ([("all_reduce", batch * dims[i + 2] * size) for i in pairs],
+                [("all_reduce", batch * dims[i] * size) for i in pairs if i > 0])
+    activation = batch * s.seq_len * s.hidden_dim * size
+    first, last, blocks = layers[0] == 0, layers[-1] == s.layers - 1, len(layers)
+    # The embedding's forward, the loss's 3 of a number a token forward.
+    forward = [("all_reduce", activation)] * first \
+        + [("all_reduce", batch * s.seq_len * comm.LOSS_BYTES)] * 3 * last
+    if not s.sequence_parallel:
+        # A block's 2 each way, the head's input gradient backward.
+        return forward + [("all_reduce", activation)] * 2 * blocks, \
+            [("all_reduce", activation)] * (2 * blocks + last)
+    pair = [("all_gather", activation // t), ("reduce_scatter", activation)]
+    vectors = (4 + 2 * (impl == "manual")) * blocks + 2 * last
+    # Forward: a block's 2 pairs, the head's input gathered. Backward: a block's 2 pairs, the
+    # head's input gradient scattered, the embeddings' gathered.
+    return (forward + pair * 2 * blocks + [pair[0]] * last,
+            pair * 2 * blocks + [pair[1]] * last + [pair[0]] * first
+            + [("all_reduce", s.hidden_dim * size)] * vectors)
 
 
-def ring_seconds(payload, ranks, gbps, latency_us):
-    """One ring all_reduce of `payload` bytes over `ranks`: 2(t-1) steps."""
+def collective_seconds(op, payload, ranks, gbps, latency_us, call_us=0.0):
+    """One ring collective of `payload` bytes (what a rank hands to it) over `ranks`: the
+    call's own latency, one per message (all_reduce 2(t-1), all_gather and reduce_scatter
+    t-1) and what the rank sends at the link's bandwidth."""
     if ranks == 1:
         return 0.0
-    return 2 * (ranks - 1) * latency_us * 1e-6 + \
-        comm.ring_wire_bytes("all_reduce", payload, ranks) / (gbps * 1e9)
+    steps = 2 * (ranks - 1) if op == "all_reduce" else ranks - 1
+    return (call_us + steps * latency_us) * 1e-6 \
+        + comm.ring_wire_bytes(op, payload, ranks) / (gbps * 1e9)
 
 
 def link(machine, ranks_apart):
@@ -129,10 +149,12 @@ def memory_gib(s, layout, machine, state_bytes=16):
             * machine.memory_gib * 2**30, "params": max(params)}
 
 
-def predict(s, layout, machine, state_bytes=16, compute_s=None):
+def predict(s, layout, machine, state_bytes=16, compute_s=None, impl="manual", call_s=0.0):
     """Memory (memory_gib) and step time of `layout` training Settings `s` (its batch_size the
     global batch) on `machine`; compute_s(stage) -> (forward, backward) seconds of a
-    microbatch's call, measured, in place of the FLOPs at the machine's rate."""
+    microbatch's call, measured, in place of the FLOPs at the machine's rate; impl: the
+    tensor parallelism's calls (tp_messages); call_s: what the pipeline schedule itself adds to
+    each call (its Python, its messages' posting and waiting), measured."""
     t, p, d, v = layout.tp, layout.pp, layout.dp, layout.virtual
     if s.batch_size % (d * layout.microbatches):
         raise ValueError(f"{layout.describe()}: {d} replicas of {layout.microbatches} "
@@ -148,11 +170,15 @@ def predict(s, layout, machine, state_bytes=16, compute_s=None):
         layers = stage_layers(s.layers, stage, total)
         forward, backward = compute_s(stage) if compute_s else \
             (x / t / rate for x in compute.stage_flops(s, layers, batch))
-        sent_forward, sent_backward = tp_messages(s, layers, batch)
-        f = forward + sum(ring_seconds(x, t, gbps, latency) for x in sent_forward)
-        b = backward + sum(ring_seconds(x, t, gbps, latency) for x in sent_backward)
+        sent_forward, sent_backward = tp_messages(r, layers, batch, t, impl)
+        f = forward + sum(collective_seconds(*c, t, gbps, latency, machine.call_latency_us)
+                          for c in sent_forward)
+        b = backward + sum(collective_seconds(*c, t, gbps, latency, machine.call_latency_us)
+                           for c in sent_backward)
         b += f if layout.recompute else 0
-        cost.update({("F", stage): f, ("B", stage): b, ("I", stage): b / 2, ("W", stage): b / 2})
+        schedule_s = call_s if p > 1 else 0.0
+        cost.update({("F", stage): f + schedule_s, ("B", stage): b + schedule_s,
+                     ("I", stage): b / 2 + schedule_s, ("W", stage): b / 2 + schedule_s})
     p2p_gbps, p2p_latency = link(machine, t * d)
     boundary = comm.boundary_elements(dataclasses.asdict(s))
     if machine.p2p_latency_us is not None:
@@ -162,11 +188,13 @@ def predict(s, layout, machine, state_bytes=16, compute_s=None):
     m = layout.microbatches
     span = pipeline.long_span(r.schedule, p, m, v, lambda kind, stage: cost[kind, stage],
                               message)
-    busy = [m * sum(cost["F", st] + cost["B", st] for st in stage_ids(rank, p, v))
+    kinds = ("F", "I", "W") if r.schedule == "zero-bubble" else ("F", "B")
+    busy = [m * sum(cost[kind, st] for kind in kinds for st in stage_ids(rank, p, v))
             for rank in range(p)]
     dp_gbps, dp_latency = link(machine, t) if t * d <= machine.gpus_per_node else \
         (machine.inter_gbps, machine.inter_latency_us)
-    dp_s = ring_seconds(memory["params"] * comm.DTYPE_BYTES[s.dtype], d, dp_gbps, dp_latency)
+    dp_s = collective_seconds("all_reduce", memory["params"] * comm.DTYPE_BYTES[s.dtype], d,
+                              dp_gbps, dp_latency, machine.call_latency_us)
     optimizer_s = 2 * memory["params"] * state_bytes / (machine.memory_gbps * 1e9)
     step_s = span + dp_s + optimizer_s
     flops = compute.flops_per_step(s)
