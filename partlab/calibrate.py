@@ -26,10 +26,8 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
 
-from partlab import distributed, lab
+from partlab import distributed, lab, missing_torch_feature
 from partlab import model as models
 from partlab.config import Settings
 from partlab.harness import matmul_tflops
@@ -41,13 +39,19 @@ from partlab.theory.step import Machine
 from partlab.tp_gpt import TensorParallelGPT
 from partlab.tp_layers import ColumnRowParallelMLP
 
+try:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
+except ImportError as e:
+    raise SystemExit(missing_torch_feature("torch.distributed.tensor.parallel", e)) from None
+
 PROCESSES = 2
 # Bytes: a latency-bound size, and one whose bandwidth term (~20 ms on gloo) dwarfs the noise.
 SIZES = (4096, 16 * 2**20)
 STREAM = 2**24                              # floats a memory-bandwidth pass adds
 
 
-def seconds_per_call(once, calls=1, blocks=7):
+def seconds_per_call(once, per_block=1, blocks=7):
     """The median over `blocks` of a block's mean call, every rank calling at once (a barrier
     first): in a run the ranks compute together, and two processes can share what one alone
     would have. A step adds its calls' times, so a short call is timed by the mean of many,
@@ -59,9 +63,9 @@ def seconds_per_call(once, calls=1, blocks=7):
     samples = []
     for _ in range(blocks):
         start = time.perf_counter()
-        for _ in range(calls):
+        for _ in range(per_block):
             once()
-        samples.append((time.perf_counter() - start) / calls)
+        samples.append((time.perf_counter() - start) / per_block)
     return statistics.median(samples)
 
 
@@ -77,16 +81,14 @@ def stage_call(s, layers, tp, impl, group):
         module, loss_of, context = tensor_parallel_rank(s, impl, group)
         x, target = models.make_batch(s, 0, cpu)
         return module, lambda: loss_of(module(x), target), context
+    module, dtype = models.build_model(s, cpu, keep=layers), models.DTYPES[s.dtype]
     if s.model == "gpt":
-        module = models.build_model(s, cpu, keep=layers)
         x = torch.randint(s.vocab_size, (batch, s.seq_len)) if layers[0] == 0 else \
-            torch.randn(batch, s.seq_len, s.hidden_dim, requires_grad=True)
+            torch.randn(batch, s.seq_len, s.hidden_dim, dtype=dtype, requires_grad=True)
         target = torch.randint(s.vocab_size, (batch, s.seq_len))
     else:
-        dims = models.mlp_dims(s)
-        module = Layers([torch.nn.Linear(dims[i], dims[i + 1]) for i in layers],
-                        [i < s.layers - 1 for i in layers], s.activation)
-        x = torch.randn(batch, dims[layers[0]], requires_grad=layers[0] > 0)
+        x = torch.randn(batch, models.mlp_dims(s)[layers[0]], dtype=dtype,
+                        requires_grad=layers[0] > 0)
         target = torch.randint(s.num_classes, (batch,))
     last = layers[-1] == s.layers - 1
     return module, lambda: models.loss_fn(module(x), target) if last else \
@@ -109,20 +111,6 @@ def tensor_parallel_rank(s, impl, group):
         contextlib.nullcontext
 
 
-class Layers(torch.nn.Module):
-    """Linear layers, each that `activated` says followed by the activation."""
-
-    def __init__(self, linears, activated, activation):
-        super().__init__()
-        self.linears, self.activated = torch.nn.ModuleList(linears), activated
-        self.act = models.activation_fn(activation)
-
-    def forward(self, x):
-        for linear, activated in zip(self.linears, self.activated, strict=True):
-            x = self.act(linear(x)) if activated else linear(x)
-        return x
-
-
 def stage_seconds(s, layers, tp, impl, group):
     """(forward, backward) seconds of a microbatch through the stage."""
     module, loss, context = stage_call(s, layers, tp, impl, group)
@@ -141,7 +129,10 @@ def worker(calls_path, out):
     ...]}); each schedule's step on a model too small to compute anything, and its stage calls
     alone; a memory pass; then rank 0's view of all_reduce, all_gather and a ping-pong's
     one-way send, per size."""
-    import torch.testing._internal.distributed.fake_pg  # noqa: F401 (registers "fake")
+    try:
+        import torch.testing._internal.distributed.fake_pg  # noqa: F401 (registers "fake")
+    except ImportError as e:
+        raise SystemExit(missing_torch_feature("torch's fake process group", e)) from None
     launch = distributed.launch_env()
     distributed.pin_to_own_cores(launch)                         # as the runs are
     dist.init_process_group("gloo")
@@ -158,14 +149,15 @@ def worker(calls_path, out):
                  for schedule in calls["schedules"]]
     a, b = torch.zeros(STREAM), torch.ones(STREAM)
     stream = seconds_per_call(lambda: a.add_(b))
-    times = {"all_reduce": {}, "all_gather": {}, "send": {}}
+    small = torch.zeros(min(SIZES) // 4)
+    gathered = torch.zeros(PROCESSES * small.numel())
+    times = {"all_gather": {min(SIZES): seconds_per_call(
+        lambda: dist.all_gather_into_tensor(gathered, small), per_block=10)},
+        "all_reduce": {}, "send": {}}
     for size in SIZES:
         x = torch.zeros(size // 4)
-        gathered = torch.zeros(PROCESSES * x.numel())
-        ops = {"all_reduce": dist.all_reduce, "send": ping_pong,
-               "all_gather": lambda x, out=gathered: dist.all_gather_into_tensor(out, x)}
-        for op, once in ops.items():
-            times[op][size] = seconds_per_call(lambda call=once, x=x: call(x), calls=10) \
+        for op, once in (("all_reduce", dist.all_reduce), ("send", ping_pong)):
+            times[op][size] = seconds_per_call(lambda call=once, x=x: call(x), per_block=10) \
                 / (2 if op == "send" else 1)
     if dist.get_rank() == 0:
         write_json({"tflops": rate, "stages": stages, "schedules": schedules,
@@ -186,12 +178,13 @@ def schedule_seconds(s, group, fake):
     step = build_pipeline(s, group, group.rank, PROCESSES)[0]
     x, y = models.make_batch(s, 0, group.device)
     total = PROCESSES * s.virtual_stages
-    return {"step_s": seconds_per_call(lambda: step(x, y), calls=5),
-            "stages": [stage_seconds(s, stage_layers(s.layers, st, total), 1, "", fake)
+    return {"step_s": seconds_per_call(lambda: step(x, y), per_block=5),
+            "stages": [stage_seconds(s, stage_layers(s.layers, st, total), 1, None, fake)
                        for st in range(total)]}
 
 
 def ping_pong(x):
+    """Rank 0 sends x to rank 1 and back: two one-way messages."""
     if dist.get_rank() == 0:
         dist.send(x, 1)
         dist.recv(x, 1)
@@ -252,7 +245,9 @@ def calibrate(calls, schedules):
 
 
 def figures(measured, schedules):
-    """(Machine, {schedule: seconds it adds to a call}) from the worker's measurements."""
+    """(Machine, {schedule: seconds it adds to a call}) from the worker's measurements. On
+    PROCESSES = 2 ranks a ring all_reduce's wire bytes are its payload and an all_gather's its
+    input, which the fits below take as read."""
     seconds = {op: {int(k): v for k, v in by_size.items()}
                for op, by_size in measured["seconds"].items()}
     # On 2 ranks an all_reduce is the call and 2 messages, an all_gather of the same wire

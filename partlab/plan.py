@@ -111,7 +111,8 @@ def why(r, best):
     t, mem = r["time_s"], r["memory_gib"]
     parts = (f"step {t['step']:.2f} s = compute and tensor-parallel collectives "
              f"{t['compute_and_tp']:.2f} + pipeline idle {t['pipeline_idle']:.2f} (bubble "
-             f"{r['bubble']:.1%}, with messages) + data-parallel all_reduce "
+             f"{r['bubble']:.1%}, with messages) + SP's norm gradients "
+             f"{t['sp_gradients']:.2f} + data-parallel all_reduce "
              f"{t['dp_all_reduce']:.2f} + optimizer {t['optimizer']:.2f}; {mem['total']:.1f} GiB "
              "per GPU")
     if r is best:

@@ -56,25 +56,21 @@ def stage_calls(record):
     stage; a tensor-parallel run's one stage is the whole model."""
     layout, s = layout_of(record), record["settings"]
     total = layout.pp * layout.virtual
-    return [[s, (r[0], r[-1] + 1), layout.tp, impl_of(record)]
+    return [[s, (r[0], r[-1] + 1), layout.tp, comm.tp_impl(record)]
             for r in (stage_layers(s["layers"], st, total) for st in range(total))]
 
 
 def schedule_of(record):
+    """A pipeline run's (schedule, microbatches, chunks per rank): what calibrate times."""
     s = record["settings"]
     return s["schedule"], s["microbatches"], s["virtual_stages"]
 
 
-def impl_of(record):
-    return "manual" if "manual" in record["strategy"] else "native"
-
-
 def layout_of(record):
     s = record["settings"]
-    if record["bubble"]:
+    if record["pipeline_ranks"]:
         return Layout(1, record["pipeline_ranks"], 1, s["microbatches"], s["schedule"],
                       s["virtual_stages"])
-    assert record["world_size"] == PROCESSES, "a fake group of PROCESSES times a TP rank"
     return Layout(record["world_size"], 1, 1, 1, "gpipe",
                   sequence_parallel=s["sequence_parallel"])
 
@@ -98,12 +94,13 @@ def run(label, key, flags):
 
 
 def median_row(repeats):
-    """One configuration's repeats as one row: the median measured and predicted step, each
-    repeat's ratio beside them, and every repeat whole."""
+    """One configuration's repeats as one row: the median measured and predicted step, the
+    median of the repeats' ratios (each a run against its own calibration), each ratio, and
+    every repeat whole."""
     row = dict(repeats[0])
     row["step_ms"] = statistics.median(r["step_ms"] for r in repeats)
     row["predicted_step_ms"] = statistics.median(r["predicted_step_ms"] for r in repeats)
-    row["step_ratio"] = row["predicted_step_ms"] / row["step_ms"]
+    row["step_ratio"] = statistics.median(r["step_ratio"] for r in repeats)
     row["step_ratios"] = " ".join(f"{r['step_ratio']:.2f}" for r in repeats)
     row["comm_exact"] = all(r["comm_exact"] for r in repeats)
     row["repeats"] = repeats
@@ -118,7 +115,7 @@ def compare(label, record, machine, stage_s, call_s):
     s = Settings(**record["settings"])
     layout = layout_of(record)
     predicted = predict(s, layout, machine, state_bytes=8, compute_s=lambda st: stage_s[st],
-                        impl=impl_of(record), call_s=call_s)
+                        impl=comm.tp_impl(record), call_s=call_s)
     per_rank = [activation_bytes(replica_settings(s, layout), rank, layout.pp, layout.tp, False)
                 for rank in range(layout.pp)]
     activations = None if None in per_rank else max(per_rank) / 2**30
@@ -150,9 +147,9 @@ def main(args):
                 return 1
             # Calibrated at once, so that both see the machine at one speed: this VM's drifts
             # by tens of percent within minutes.
-            schedules = [list(schedule_of(record))] if record["bubble"] else []
+            schedules = [list(schedule_of(record))] if record["pipeline_ranks"] else []
             machine, overhead, measured = calibrate(stage_calls(record), schedules)
-            call_s = overhead[schedule_of(record)] if record["bubble"] else 0.0
+            call_s = overhead[schedule_of(record)] if schedules else 0.0
             repeats.append({**compare(label, record, machine, measured["stages"], call_s),
                             "machine": dataclasses.asdict(machine), "schedule_call_s": call_s,
                             "calibration": measured})
@@ -179,8 +176,9 @@ def main(args):
     if args.json:
         write_json({"runs": rows, "provenance": lab.provenance(PROCESSES, "CPU, gloo")},
                    args.json)
-    misses = [r["run"] for r in rows if not r["comm_exact"] or r["activation_ratio"] is not None
-              and not 0.9 <= r["activation_ratio"] <= 1.1]
+    misses = [r["run"] for r in rows for x in r["repeats"] if not x["comm_exact"]
+              or x["activation_ratio"] is not None and not 0.9 <= x["activation_ratio"] <= 1.1]
+    misses = list(dict.fromkeys(misses))
     if misses:
         print("partlab: error: communication not exact or activations beyond +-10 % in: "
               + ", ".join(misses), file=sys.stderr)

@@ -67,10 +67,21 @@ def h_bytes(s):
 def test_tp_messages_by_stage_add_up_to_the_models_count(s, impl, stages):
     calls = [c for st in range(stages)
              for c in sum(step.tp_messages(s, step.stage_layers(s.layers, st, stages),
-                                           s.batch_size, 2, impl), [])]
+                                           s.batch_size, 2, impl), start=[])]
     whole = comm.tp_comm(dataclasses.asdict(s), 2, impl)
     assert {op: {"count": sum(o == op for o, _ in calls),
                  "bytes": sum(b for o, b in calls if o == op)} for op, _ in calls} == whole
+
+
+def test_sp_norm_gradients_are_reduced_once_a_step():
+    machine = dataclasses.replace(ROUND, intra_latency_us=10)
+    layout = step.Layout(tp=8, pp=8, dp=16, microbatches=96, schedule="1f1b",
+                         sequence_parallel=True)
+    sp = [step.predict(GPT3, dataclasses.replace(layout, microbatches=m), machine)
+          ["time_s"]["sp_gradients"] for m in (96, 48)]
+    # The last rank: 12 blocks of 4 norm parameters and 2 row biases, and the final norm's 2.
+    one = step.collective_seconds("all_reduce", h_bytes(GPT3), 8, 100, 10)
+    assert sp == pytest.approx([74 * one] * 2)
 
 
 def test_step_time_by_hand():

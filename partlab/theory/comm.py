@@ -100,5 +100,9 @@ def run_comm(record, rank):
     s = record["settings"]
     if record["pipeline_ranks"]:
         return pipeline_comm(s, rank, record["pipeline_ranks"])
-    return tp_comm(s, record["world_size"], "manual" if "manual" in record["strategy"]
-                   else "native")
+    return tp_comm(s, record["world_size"], tp_impl(record))
+
+
+def tp_impl(record):
+    """A run's tensor parallelism: "manual" (tp_layers.py's by hand) or "native" (DTensor)."""
+    return "manual" if "manual" in record["strategy"] else "native"

@@ -19,6 +19,7 @@ The model (each part built on the rest of partlab/theory):
                activation or gradient crossing ranks a message: latency + bytes / bandwidth,
                across nodes when t x d fills a node (Megatron's rank order: tp, dp, pp); plus,
                where measured (`--validate`), what the schedule itself adds to each call
+               SP's norm gradients (tp_messages' per step) once a step, exposed
   data         one ring all_reduce of the rank's gradients after the last backward, exposed
   parallel
   memory       parameters / t (every tensor split, a slight under-count of the replicated
@@ -83,16 +84,17 @@ def replica_settings(s, layout):
 
 
 def tp_messages(s, layers, batch, t, impl="manual"):
-    """(forward, backward) [(op, payload bytes)] of the collectives a tensor-parallel stage of
-    `layers` issues for `batch` samples on t ranks: comm.gpt_tp_comm's and comm.mlp_tp_comm's
-    calls, by stage. Under the gpt's SP each block's all_reduce is an all_gather of 1/t of it and a
-    reduce_scatter, and each norm's (manual, as Megatron-LM: and row bias's) gradient is one
-    more all_reduce, counted in the backward."""
+    """(forward, backward, per step) [(op, payload bytes)] of the collectives a
+    tensor-parallel stage of `layers` issues, forward and backward for each microbatch of
+    `batch` samples, and once a step, on t ranks: comm.gpt_tp_comm's and comm.mlp_tp_comm's
+    calls, by stage. Under the gpt's SP each block's all_reduce is an all_gather of 1/t of it
+    and a reduce_scatter, and each norm's (manual, as Megatron-LM: and row bias's) gradient,
+    summed over the step's microbatches, is one all_reduce a step."""
     size = comm.DTYPE_BYTES[s.dtype]
     if s.model == "mlp":
         dims, pairs = mlp_dims(s), [i for i in layers if i % 2 == 0]
         return ([("all_reduce", batch * dims[i + 2] * size) for i in pairs],
-                [("all_reduce", batch * dims[i] * size) for i in pairs if i > 0])
+                [("all_reduce", batch * dims[i] * size) for i in pairs if i > 0], [])
     activation = batch * s.seq_len * s.hidden_dim * size
     first, last, blocks = layers[0] == 0, layers[-1] == s.layers - 1, len(layers)
     # The embedding's forward, the loss's 3 of a number a token forward.
@@ -101,14 +103,14 @@ def tp_messages(s, layers, batch, t, impl="manual"):
     if not s.sequence_parallel:
         # A block's 2 each way, the head's input gradient backward.
         return forward + [("all_reduce", activation)] * 2 * blocks, \
-            [("all_reduce", activation)] * (2 * blocks + last)
+            [("all_reduce", activation)] * (2 * blocks + last), []
     pair = [("all_gather", activation // t), ("reduce_scatter", activation)]
     vectors = (4 + 2 * (impl == "manual")) * blocks + 2 * last
     # Forward: a block's 2 pairs, the head's input gathered. Backward: a block's 2 pairs, the
     # head's input gradient scattered, the embeddings' gathered.
     return (forward + pair * 2 * blocks + [pair[0]] * last,
-            pair * 2 * blocks + [pair[1]] * last + [pair[0]] * first
-            + [("all_reduce", s.hidden_dim * size)] * vectors)
+            pair * 2 * blocks + [pair[1]] * last + [pair[0]] * first,
+            [("all_reduce", s.hidden_dim * size)] * vectors)
 
 
 def collective_seconds(op, payload, ranks, gbps, latency_us, call_us=0.0):
@@ -165,16 +167,14 @@ def predict(s, layout, machine, state_bytes=16, compute_s=None, impl="manual", c
     rate = machine.peak_tflops * 1e12 * machine.efficiency
     gbps, latency = link(machine, 1) if t <= machine.gpus_per_node else \
         (machine.inter_gbps, machine.inter_latency_us)
-    cost = {}
+    cost, per_step = {}, {}
     for stage in range(total):
         layers = stage_layers(s.layers, stage, total)
         forward, backward = compute_s(stage) if compute_s else \
             (x / t / rate for x in compute.stage_flops(s, layers, batch))
-        sent_forward, sent_backward = tp_messages(r, layers, batch, t, impl)
-        f = forward + sum(collective_seconds(*c, t, gbps, latency, machine.call_latency_us)
-                          for c in sent_forward)
-        b = backward + sum(collective_seconds(*c, t, gbps, latency, machine.call_latency_us)
-                           for c in sent_backward)
+        sent = [sum(collective_seconds(*c, t, gbps, latency, machine.call_latency_us)
+                    for c in calls) for calls in tp_messages(r, layers, batch, t, impl)]
+        f, b, per_step[stage] = forward + sent[0], backward + sent[1], sent[2]
         b += f if layout.recompute else 0
         schedule_s = call_s if p > 1 else 0.0
         cost.update({("F", stage): f + schedule_s, ("B", stage): b + schedule_s,
@@ -196,12 +196,15 @@ def predict(s, layout, machine, state_bytes=16, compute_s=None, impl="manual", c
     dp_s = collective_seconds("all_reduce", memory["params"] * comm.DTYPE_BYTES[s.dtype], d,
                               dp_gbps, dp_latency, machine.call_latency_us)
     optimizer_s = 2 * memory["params"] * state_bytes / (machine.memory_gbps * 1e9)
-    step_s = span + dp_s + optimizer_s
+    # Each rank's SP gradient all_reduces, after its last backward, exposed.
+    sp_s = max(sum(per_step[st] for st in stage_ids(rank, p, v)) for rank in range(p))
+    step_s = span + sp_s + dp_s + optimizer_s
     flops = compute.flops_per_step(s)
     return {"layout": dataclasses.asdict(layout), "describe": layout.describe(),
             "microbatch_size": batch, "memory_gib": memory, "fits": memory["fits"],
             "time_s": {"step": step_s, "compute_and_tp": max(busy),
-                       "pipeline_idle": span - max(busy), "dp_all_reduce": dp_s,
+                       "pipeline_idle": span - max(busy), "sp_gradients": sp_s,
+                       "dp_all_reduce": dp_s,
                        "optimizer": optimizer_s},
             "bubble": 1 - sum(busy) / len(busy) / span,
             "tflops_per_gpu": flops / step_s / (t * p * d) / 1e12,
