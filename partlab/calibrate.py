@@ -212,10 +212,8 @@ def schedule_overhead(schedule, m, v, measured, message_s):
     stage_s = measured["stages"]
 
     def span(c):
-        def cost(kind, stage):
-            f, b = stage_s[stage]
-            return c + {"F": f, "B": b, "I": b / 2, "W": b / 2}[kind]
-        return pipeline.span(pipeline.simulate(orders, cost, message_s))
+        return pipeline.span(pipeline.simulate(
+            orders, lambda kind, stage: pipeline.call_cost(kind, *stage_s[stage], c), message_s))
     low, high = 0.0, measured["step_s"]
     if span(low) >= measured["step_s"]:
         return 0.0

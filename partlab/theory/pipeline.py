@@ -195,6 +195,12 @@ def ideal_bubble(schedule, p, m, v, cost):
     return bubble(simulate(order(schedule, p, m, v), cost))
 
 
+def call_cost(kind, forward, backward, extra=0.0):
+    """A call's seconds from its stage's forward and backward: zero-bubble's input- and
+    weight-gradient calls half the backward each; `extra` added to every call."""
+    return extra + {"F": forward, "B": backward, "I": backward / 2, "W": backward / 2}[kind]
+
+
 def unit_cost(kind, stage):
     """Equal stages: forward 1, backward 2 (input and weight gradient 1 each)."""
     return 2.0 if kind == "B" else 1.0

@@ -176,9 +176,8 @@ def predict(s, layout, machine, state_bytes=16, compute_s=None, impl="manual", c
                     for c in calls) for calls in tp_messages(r, layers, batch, t, impl)]
         f, b, per_step[stage] = forward + sent[0], backward + sent[1], sent[2]
         b += f if layout.recompute else 0
-        schedule_s = call_s if p > 1 else 0.0
-        cost.update({("F", stage): f + schedule_s, ("B", stage): b + schedule_s,
-                     ("I", stage): b / 2 + schedule_s, ("W", stage): b / 2 + schedule_s})
+        cost.update({(kind, stage): pipeline.call_cost(kind, f, b, call_s if p > 1 else 0.0)
+                     for kind in pipeline.KINDS})
     p2p_gbps, p2p_latency = link(machine, t * d)
     boundary = comm.boundary_elements(dataclasses.asdict(s))
     if machine.p2p_latency_us is not None:
